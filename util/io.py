@@ -5,6 +5,8 @@ import re
 import tempfile
 from pathlib import Path
 
+from safetensors.torch import save_file
+
 
 def write_json_atomic(path, obj, indent: int = 1) -> None:
     """Write JSON to a temporary file in the same directory, fsync it, then rename over `path`."""
@@ -15,6 +17,23 @@ def write_json_atomic(path, obj, indent: int = 1) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=indent)
             f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_tensors_atomic(path, tensors: dict, metadata: dict | None = None) -> None:
+    """Save tensors (moved to CPU) as safetensors like write_json_atomic: temporary file, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -93,8 +93,31 @@ def load_model(model_name: str, device: str = "cpu", dtype: str = "float32"):
     return model, tok
 
 
-def model_revision(model_name: str, model) -> str:
-    """What identifies the weights: the GGUF's sha256 for the embedded model, else the hub commit hash."""
-    if model_name == EMBEDDED_ALIAS:
-        return (embedded_model_dir() / "SOURCE_SHA256").read_text().strip()
-    return getattr(model.config, "_commit_hash", None) or "unknown"
+def model_identity(model) -> tuple:
+    """(model id, revision): what identifies the weights, for caches and results files.
+
+    The embedded model is named by its alias and the GGUF's sha256; hub models by their commit hash;
+    other local directories by the size and modification time of their weight files.
+    """
+    path = Path(model.config.name_or_path)
+    if (path / "SOURCE_SHA256").is_file():
+        return EMBEDDED_ALIAS, (path / "SOURCE_SHA256").read_text().strip()
+    commit = getattr(model.config, "_commit_hash", None)
+    if commit:
+        return str(model.config.name_or_path), commit
+    if path.is_dir():
+        weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
+        stamp = ",".join(f"{w.name}:{w.stat().st_size}:{int(w.stat().st_mtime)}" for w in weights)
+        return str(path.resolve()), "local:" + hashlib.sha256(stamp.encode()).hexdigest()[:16]
+    return str(model.config.name_or_path) or type(model).__name__, "weights:" + _weights_fingerprint(model)
+
+
+def _weights_fingerprint(model) -> str:
+    """Hash of parameter shapes and the first/last parameter values: tells apart unnamed in-memory models."""
+    digest = hashlib.sha256()
+    params = list(model.parameters())
+    for p in params:
+        digest.update(str(tuple(p.shape)).encode())
+    for p in (params[0], params[-1]):
+        digest.update(p.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,157 @@
+"""The layer loop (SPEC §2): which matrices change, in what order, with which residual.
+
+Single layer: edit layers = [L]. MEMIT spread: layers l_1 < ... < l_m, target at L = l_m; at each l_i, on
+the model as already edited below, the remaining residual at L is split evenly over the layers left.
+The objective (ROME / MEMIT / EMMET) only picks the solver's softness `rho` and the preservation matrix.
+"""
+import time
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from algs import keyvals
+from algs.pm_solver import FactorCache, ObjectiveParams, solve_update
+from algs.second_moment import SecondMoment, layer_second_moment
+from util.arch import get_module, module_names, num_layers, add_update, weight_as_out_in
+from util.models import model_identity
+
+
+
+class _LayerCache:
+    """Per model: C0 of each edited matrix (of the unedited model, as in the references) and its factors."""
+
+    def __init__(self):
+        self.moments = {}
+        self.factors = FactorCache()
+
+
+_CACHES = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What an algorithm chooses; everything else is shared."""
+
+    name: str
+    solver: ObjectiveParams  # P = λC0 + uI and the softness ρ (algs.pm_solver.objective_params)
+    flat_templates: bool  # ROME averages all templates equally; MEMIT/EMMET average template groups
+    value_at_mlp: bool  # ROME: target v* at the MLP output; else z at the residual stream of the last layer
+    consistent_keys: bool = True  # False (original ROME): the constraint is on the bare-prompt key
+
+
+def orig_weights(model, hp) -> dict:
+    """Copies of the matrices an edit with `hp` would change, keyed by module name."""
+    names = module_names(model, hp.module_overrides())
+    return {name: get_module(model, name).weight.detach().clone()
+            for name in (names.rewrite_module_tmp.format(layer) for layer in hp.layers)}
+
+
+def restore_weights(model, weights: dict) -> None:
+    with torch.no_grad():
+        for name, weight in weights.items():
+            get_module(model, name).weight.copy_(weight)
+
+
+def second_moment_for(model, tok, hp, rewrite_module: str, stats_dir=None):
+    model_id, revision = model_identity(model)
+    return layer_second_moment(
+        model, tok, rewrite_module, corpus=hp.mom2_dataset, dynamic=hp.dynamic,
+        dynamic_multiplier=hp.dynamic_multiplier, n_samples=hp.mom2_n_samples, model_id=model_id,
+        model_revision=revision, dtype=hp.mom2_dtype, stats_dir=stats_dir,
+    )
+
+
+def _second_moment(cache, model, tok, hp, rewrite_module, d_k, stats_dir):
+    """C0 from memory, else from second_moment (disk cache or computed); identity when mom2_adjustment is off."""
+    key = (rewrite_module, hp.mom2_adjustment, hp.mom2_dataset, hp.dynamic, hp.dynamic_multiplier,
+           hp.mom2_n_samples, hp.mom2_dtype, str(stats_dir))
+    if key not in cache.moments:
+        if hp.mom2_adjustment:
+            cache.moments[key] = second_moment_for(model, tok, hp, rewrite_module, stats_dir)
+        else:
+            cache.moments[key] = SecondMoment(torch.eye(d_k, dtype=torch.float64), 0, 0, "none (identity)",
+                                              "not used", None)
+    return cache.moments[key]
+
+
+def edit_layers(model, tok, requests, hp, objective: Objective, seed: int = 0, stats_dir=None,
+                target_cache_dir=None) -> dict:
+    """Compute and apply the edit of `requests` (one batch) in place; returns a JSON-able report."""
+    started = time.time()
+    names = module_names(model, hp.module_overrides())
+    last_layer = num_layers(model) - 1
+    if hp.v_loss_layer != last_layer:
+        raise ValueError(f"v_loss_layer must be the model's last layer ({last_layer}), got {hp.v_loss_layer}")
+    value_at_mlp = objective.value_at_mlp and len(hp.layers) == 1
+    target_layer = hp.layers[-1]
+    target_module = (names.mlp_module_tmp if value_at_mlp else names.layer_module_tmp).format(target_layer)
+    templates = keyvals.context_templates(model, tok, hp.context_template_length_params, seed,
+                                          flat=objective.flat_templates)
+    targets = keyvals.compute_targets(model, tok, target_module, requests, templates, hp,
+                                      cache_dir=target_cache_dir, model_key=list(model_identity(model)))
+    cache = _CACHES.setdefault(model, _LayerCache())
+    report = {"objective": objective.name, "target_module": target_module, "batch_size": len(requests),
+              "target_optimisation": targets.info, "layers": []}
+
+    for i, layer in enumerate(hp.layers):
+        rewrite_module = names.rewrite_module_tmp.format(layer)
+        module = get_module(model, rewrite_module)
+        keys = keyvals.compute_keys(model, tok, rewrite_module, requests, templates, hp.fact_token)
+        if value_at_mlp:
+            constraint_keys = keys.averaged if objective.consistent_keys else keys.bare
+            residual = targets.targets - keyvals.apply_matrix(module, constraint_keys)
+        else:
+            constraint_keys = keys.averaged
+            current = keyvals.module_output_at_subject(model, tok, target_module, requests, hp.fact_token)
+            residual = (targets.targets - current) / (len(hp.layers) - i)
+
+        moment = _second_moment(cache, model, tok, hp, rewrite_module, keys.averaged.shape[1], stats_dir)
+        factor = cache.factors.get(rewrite_module, moment.matrix, objective.solver.mom2_update_weight,
+                                   objective.solver.update_norm_lambda)
+        delta, diagnostics = solve_update(residual.T, keys.averaged.T, factor, objective.solver.rho,
+                                          K_c=None if constraint_keys is keys.averaged else constraint_keys.T)
+        stats_info = {"corpus": moment.corpus, "n_tokens": moment.n_tokens, "cache": moment.cache}
+        weight = weight_as_out_in(module)
+        add_update(module, delta.to(weight.dtype))
+        report["layers"].append({"layer": layer, "module": rewrite_module, "statistics": stats_info,
+                                 "solver": diagnostics, "weight_norm": weight.norm().item()})
+    report["seconds"] = time.time() - started
+    return report
+
+
+def apply_to_model(model, tok, requests, hp, objective_for, *, copy=False, return_orig_weights=False,
+                   one_at_a_time=False, report=None, seed=0, stats_dir=None, target_cache_dir=None):
+    """The body every apply_<alg>_to_model shares. `objective_for(batch_size)` gives the Objective.
+
+    one_at_a_time: ROME writes each fact by its own rank-one edit, in order, on the model edited so far.
+    report: a dict to receive {"batches": [per-batch reports]} (optional).
+    target_cache_dir: reuse target vectors computed earlier for the same request on the same unedited weights
+    (only valid when the model is unedited, e.g. batched evaluation that restores weights).
+    Returns (model, orig_weights): orig_weights holds copies of the changed matrices if asked, else {}.
+    """
+    if copy:
+        import copy as copy_module
+
+        model = copy_module.deepcopy(model)
+    for request in requests:
+        _check_request(request)
+    saved = orig_weights(model, hp) if return_orig_weights else {}
+    batches = [[r] for r in requests] if one_at_a_time else [list(requests)]
+    # Only the first batch sees the unedited weights that the target cache is keyed by.
+    reports = [edit_layers(model, tok, batch, hp, objective_for(len(batch)), seed, stats_dir,
+                           target_cache_dir if i == 0 else None)
+               for i, batch in enumerate(batches)]
+    if report is not None:
+        report["batches"] = reports
+    return model, saved
+
+
+def _check_request(request):
+    missing = [k for k in ("prompt", "subject", "target_new") if k not in request]
+    if missing:
+        raise ValueError(f"request {request.get('case_id', '?')} lacks {missing}")
+    if request["prompt"].count("{}") != 1:
+        raise ValueError(f"request prompt must hold one '{{}}' for the subject: {request['prompt']!r}")
+    if not isinstance(request["target_new"], dict) or "str" not in request["target_new"]:
+        raise ValueError(f"request target_new must be {{'str': ...}}, got {request['target_new']!r}")

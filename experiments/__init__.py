@@ -1,0 +1,1 @@
+"""Evaluation: the editing CLI, summaries, and per-case metrics."""

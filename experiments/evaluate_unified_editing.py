@@ -1,0 +1,529 @@
+"""Edit a model with ROME, MEMIT or EMMET and evaluate every edited case: the command researchers run.
+
+    python experiments/evaluate_unified_editing.py --alg_name=EMMET --num_edits=4 --model_name=gpt2-xl \\
+        --hparams_fname=gpt2-xl.json --ds_name=cf --sequential=True
+
+With no arguments, a small demo runs on the embedded model: EMMET on smollm2-135m, 4 CounterFact cases in
+batches of 2, generation tests on every 2nd case.
+
+The records are cut into consecutive batches of --num_edits. For each batch: every case is evaluated on the
+current model (pre), the batch is written into the model by one call of the algorithm, every case is
+evaluated again (post) and one case_<case_id>.json is written per case. Batched mode then restores the
+original weights, so every batch edits the unedited model; sequential mode keeps all edits and saves the
+edited matrices after each batch (edited_weights.safetensors), so a killed run goes on from the same model
+state with --continue_from_run. Results: <results_dir>/<ALG>/run_XXX/params.json and the case files.
+"""
+import argparse
+import json
+import logging
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
+
+from algs import ALGORITHMS, get_algorithm, keyvals
+from algs.distribute import orig_weights, restore_weights, second_moment_for
+from algs.second_moment import HUB_CORPORA
+from dsets import DATASETS, AttributeSnippets, DatasetNotFound, get_tfidf_vectorizer, load_records
+from experiments.metrics.counterfact import counterfact_case_metrics
+from experiments.metrics.generation import GenerationSettings
+from experiments.metrics.zsre import zsre_case_metrics
+from util import globals as G
+from util.arch import module_names, num_layers
+from util.io import new_run_dir, read_json, write_json_atomic, write_tensors_atomic
+from util.models import DTYPES, EMBEDDED_ALIAS, load_model, model_identity
+
+log = logging.getLogger("evaluate_unified_editing")
+
+DEFAULT_RUN_ARGV = ["--alg_name=EMMET", f"--model_name={EMBEDDED_ALIAS}", f"--hparams_fname={EMBEDDED_ALIAS}.json",
+                    "--ds_name=cf", "--num_edits=2", "--dataset_size_limit=4", "--generation_test_interval=2"]
+SHARED_DATA_DIR = G.REPO_ROOT.parent / "shared" / "data"  # the demo's fallback when the data dir lacks the data
+LOCAL_WIKITEXT_DIRS = ("wikitext-2", "wikitext-2-raw")  # the demo's offline statistics corpus
+# Flags that change results: a resumed run must have the same values (paths, device and memory use may differ).
+RESULT_ARGS = ("alg_name", "model_name", "ds_name", "num_edits", "sequential", "seed", "dataset_size_limit",
+               "dtype", "stats_corpus", "skip_generation_tests", "generation_test_interval")
+RESULT_PARAMS = ("model_id", "model_revision", "dataset_source", "num_cases")
+PARAMS_FILE = "params.json"
+CHECKPOINT_FILE = "edited_weights.safetensors"
+TRUE_WORDS = ("true", "1", "yes")
+FALSE_WORDS = ("false", "0", "no")
+
+
+class UsageError(ValueError):
+    """Bad input the user can fix; main() prints the message and exits with status 2."""
+
+
+# ---------------------------------------------------------------- arguments
+
+def parse_bool(text: str) -> bool:
+    """True/False/1/0/yes/no, any case (argparse's type=bool would read "False" as True)."""
+    word = text.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise argparse.ArgumentTypeError(f"expected one of {'/'.join(TRUE_WORDS + FALSE_WORDS)}, got {text!r}")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def add_bool(parser, name: str, help_text: str) -> None:
+    parser.add_argument(name, type=parse_bool, nargs="?", const=True, default=False, metavar="BOOL",
+                        help=f"{help_text} (`{name}` alone means true; or {name}=true/false/1/0/yes/no; default false)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="evaluate_unified_editing.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Summarize a finished run with: python experiments/summarize.py <run_dir>")
+    parser.add_argument("--alg_name", required=True, choices=sorted(ALGORITHMS),
+                        help="editing algorithm: ROME (one fact at a time), MEMIT (batch, least squares) or "
+                             "EMMET (batch, equality constrained)")
+    parser.add_argument("--model_name", required=True,
+                        help=f"hub id (e.g. gpt2-xl), a local model directory, or '{EMBEDDED_ALIAS}' (the embedded "
+                             "SmolLM2-135M, no download needed)")
+    parser.add_argument("--hparams_fname", required=True,
+                        help="hparams JSON: a file name looked up in <hparams dir>/<ALG>/ (hparams dir: globals.yml "
+                             "HPARAMS_DIR, env KE_HPARAMS_DIR), or a path to a JSON file; unknown keys are errors")
+    parser.add_argument("--ds_name", required=True, choices=sorted(DATASETS),
+                        help="dataset: cf (CounterFact), mcf (MEMIT's multi-CounterFact) or zsre (zsRE, MEND format)")
+    parser.add_argument("--num_edits", type=positive_int, default=1,
+                        help="batch size: how many consecutive records are written into the model by one edit "
+                             "(default 1)")
+    add_bool(parser, "--sequential",
+             "keep every batch's edit, so later batches edit the already edited model; false: restore the "
+             "original weights after each batch")
+    parser.add_argument("--dataset_size_limit", type=positive_int, default=None,
+                        help="use only the first N records of the dataset (default: all)")
+    parser.add_argument("--continue_from_run", default=None, metavar="run_XXX",
+                        help="go on with an interrupted run in <results_dir>/<ALG>/run_XXX: finished batches are "
+                             "kept, the others redone; every flag that changes results must be the same as before")
+    add_bool(parser, "--skip_generation_tests", "skip the generation tests (fluency GE, consistency RS)")
+    parser.add_argument("--generation_test_interval", type=int, default=1,
+                        help="run the generation tests on every N-th case in dataset order (CounterFact only); "
+                             "N <= 0 means never (default 1: every case)")
+    add_bool(parser, "--conserve_memory",
+             "in batched mode, keep the saved original weights on the CPU instead of the model's device")
+    add_bool(parser, "--use_cache",
+             "reuse target vectors cached on disk (KV_DIR of globals.yml, env KE_KV_DIR); only in batched mode, "
+             "ignored in sequential mode where targets depend on the earlier edits")
+    parser.add_argument("--device", default=None,
+                        help="torch device for the model (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                        help="dtype the model is loaded in; must match the hparams' mom2_dtype when statistics are "
+                             "used (default float32)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the context templates and of the generation tests' sampling (default 0)")
+    parser.add_argument("--data_dir", default=None,
+                        help="folder with the datasets, snippets and tf-idf files (default: DATA_DIR of globals.yml, "
+                             "env KE_DATA_DIR)")
+    parser.add_argument("--results_dir", default=None,
+                        help="where runs are written as <ALG>/run_XXX (default: RESULTS_DIR of globals.yml, "
+                             "env KE_RESULTS_DIR)")
+    parser.add_argument("--stats_dir", default=None,
+                        help="cache folder of the second-moment statistics C0 (default: STATS_DIR of globals.yml, "
+                             "env KE_STATS_DIR)")
+    parser.add_argument("--stats_corpus", default=None,
+                        help="corpus for the statistics instead of the hparams' mom2_dataset: 'wikipedia', "
+                             "'wikitext-103' (need the datasets package and network) or a local text file / folder "
+                             "of .txt/.raw files, e.g. ../shared/data/wikitext-2")
+    return parser
+
+
+def parse_args(argv: list) -> tuple[argparse.Namespace, bool]:
+    """(arguments, whether this is the no-argument demo run)."""
+    default_run = not argv
+    args = build_parser().parse_args(DEFAULT_RUN_ARGV if default_run else argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.results_dir = str(Path(args.results_dir) if args.results_dir else G.results_dir())
+    args.stats_dir = str(Path(args.stats_dir) if args.stats_dir else G.stats_dir())
+    if args.stats_corpus is not None and Path(args.stats_corpus).expanduser().exists():
+        args.stats_corpus = str(Path(args.stats_corpus).expanduser().resolve())
+    return args, default_run
+
+
+# ---------------------------------------------------------------- inputs
+
+def hparams_path(alg_name: str, fname: str) -> Path:
+    """`fname` itself when it is a file, else <hparams dir>/<ALG>/<fname>."""
+    direct = Path(fname).expanduser()
+    if direct.is_file():
+        return direct.resolve()
+    in_dir = G.hparams_dir() / alg_name / fname
+    if in_dir.is_file():
+        return in_dir.resolve()
+    raise UsageError(f"hparams file {fname!r} not found: looked for {direct} and {in_dir}")
+
+
+def load_dataset(args, default_run: bool):
+    """The records and the data dir they came from. The demo falls back to ../shared/data beside the repo."""
+    data_dir = Path(args.data_dir).expanduser() if args.data_dir else G.data_dir()
+    try:
+        return load_records(args.ds_name, data_dir, args.dataset_size_limit), data_dir
+    except DatasetNotFound:
+        if not (default_run and SHARED_DATA_DIR.is_dir()):
+            raise
+    log.info("data dir: %s lacks the %s data; using %s", data_dir, args.ds_name, SHARED_DATA_DIR)
+    return load_records(args.ds_name, SHARED_DATA_DIR, args.dataset_size_limit), SHARED_DATA_DIR
+
+
+def demo_stats_corpus(corpus: str, data_dirs: list) -> str:
+    """For the demo: a local WikiText copy instead of a hub corpus (which needs `datasets` and network)."""
+    if corpus not in HUB_CORPORA:
+        return corpus
+    for data_dir in data_dirs:
+        for name in LOCAL_WIKITEXT_DIRS:
+            if (Path(data_dir) / name).is_dir():
+                local = str((Path(data_dir) / name).resolve())
+                log.info("stats corpus: the demo uses the local %s instead of the hub corpus %r", local, corpus)
+                return local
+    return corpus
+
+
+def check_model_fits(model, hp, path: Path, args) -> None:
+    """The hparams' layers exist in this model and v_loss_layer is its last layer (else: hparams of another model)."""
+    n_layers = num_layers(model)
+    if max(hp.layers) >= n_layers or hp.v_loss_layer != n_layers - 1:
+        raise UsageError(f"{path}: layers {hp.layers} / v_loss_layer {hp.v_loss_layer} do not fit {args.model_name}, "
+                         f"which has {n_layers} layers (v_loss_layer must be {n_layers - 1}); is this hparams file "
+                         f"for another model?")
+    module_names(model, hp.module_overrides())  # raises when the module templates do not fit the architecture
+
+
+def generation_plan(args, records, data_dir: Path) -> tuple:
+    """(GenerationSettings or None, what params.json records about the generation tests)."""
+    if args.ds_name not in ("cf", "mcf"):
+        return None, {"run": False, "reason": f"{args.ds_name} has no generation tests"}
+    if args.skip_generation_tests:
+        return None, {"run": False, "reason": "--skip_generation_tests"}
+    if args.generation_test_interval <= 0:
+        return None, {"run": False, "reason": f"--generation_test_interval {args.generation_test_interval} <= 0"}
+    if not any(record.get("generation_prompts") for record in records):
+        return None, {"run": False, "reason": "no record of this dataset copy has generation_prompts"}
+    info = {"run": True, "interval": args.generation_test_interval}
+    try:
+        snippets = AttributeSnippets(data_dir)
+        vectorizer = get_tfidf_vectorizer(data_dir)
+        info["reference_snippets"] = str(snippets.path)
+        settings = GenerationSettings(snippets.by_relation, vectorizer, seed=args.seed)
+    except DatasetNotFound as missing:
+        info["reference_score_skipped"] = f"{missing.what} not found: {missing.failure}"
+        log.warning("consistency RS will be skipped: %s (fluency GE is still computed)", info["reference_score_skipped"])
+        settings = GenerationSettings(seed=args.seed)
+    return settings, info
+
+
+# ---------------------------------------------------------------- params.json
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def library_versions() -> dict:
+    import nltk
+    import numpy
+    import sklearn
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "numpy": numpy.__version__, "nltk": nltk.__version__, "sklearn": sklearn.__version__}
+
+
+def git_commit() -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=G.REPO_ROOT, capture_output=True, text=True,
+                                timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def as_json(obj):
+    """The value as it reads back from a JSON file (for comparing stored and new params)."""
+    return json.loads(json.dumps(obj))
+
+
+def check_resume(run_dir: Path, stored: dict, now: dict) -> None:
+    """Refuse to continue a run whose stored settings differ from this invocation's in any key of `now`."""
+    differing = [key for key in now if as_json(stored.get(key)) != as_json(now[key])]
+    if differing:
+        details = "; ".join(f"{key}: the run has {stored.get(key)!r}, now {now[key]!r}" for key in differing)
+        raise UsageError(f"cannot continue {run_dir}: it was made with different settings ({details}); "
+                         f"start a new run instead")
+
+
+def resume_dir(args) -> Path:
+    """The run directory named by --continue_from_run, with a readable params.json of the same algorithm."""
+    run_dir = Path(args.results_dir) / args.alg_name / args.continue_from_run
+    if not (run_dir / PARAMS_FILE).is_file():
+        raise UsageError(f"--continue_from_run {args.continue_from_run}: {run_dir / PARAMS_FILE} does not exist")
+    return run_dir
+
+
+# ---------------------------------------------------------------- case files and checkpoint
+
+def case_path(run_dir: Path, case_id) -> Path:
+    return run_dir / f"case_{case_id}.json"
+
+
+def batch_is_complete(run_dir: Path, batch: int, case_ids: list) -> bool:
+    """Every case file of the batch exists, parses, and belongs to this batch with pre and post results."""
+    for case_id in case_ids:
+        try:
+            case = read_json(case_path(run_dir, case_id))
+        except (OSError, ValueError):
+            return False
+        if (not isinstance(case, dict) or case.get("case_id") != case_id or case.get("batch") != batch
+                or case.get("batch_case_ids") != case_ids or "pre" not in case or "post" not in case):
+            return False
+    return True
+
+
+def save_checkpoint(run_dir: Path, model, hp, batch: int) -> None:
+    """The edited matrices after `batch` (sequential mode), with that batch's index."""
+    write_tensors_atomic(run_dir / CHECKPOINT_FILE, orig_weights(model, hp), {"last_batch": str(batch)})
+
+
+def load_checkpoint(run_dir: Path, model, hp) -> int:
+    """Put the checkpoint's edited matrices into the model; the index of the last batch they hold (-1: none)."""
+    path = run_dir / CHECKPOINT_FILE
+    if not path.exists():
+        return -1
+    expected = {name: weight.shape for name, weight in orig_weights(model, hp).items()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            last_batch = int((f.metadata() or {})["last_batch"])
+            weights = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, KeyError, ValueError) as error:
+        raise UsageError(f"{path} is unreadable ({type(error).__name__}: {error}); start a new run") from None
+    if {name: weight.shape for name, weight in weights.items()} != expected:
+        raise UsageError(f"{path} holds {sorted(weights)}, not the matrices this edit changes {sorted(expected)}")
+    restore_weights(model, weights)
+    return last_batch
+
+
+def warm_unedited_caches(model, tok, hp, seed: int, stats_dir: str) -> None:
+    """Edits use context templates and C0 of the UNEDITED model, made on first use and cached (templates in
+    memory, C0 on disk). A resumed sequential run makes them before its edited weights are loaded, as the
+    uninterrupted run did, so that it continues exactly."""
+    for flat in (False, True):
+        keyvals.context_templates(model, tok, hp.context_template_length_params, seed, flat=flat)
+    if hp.mom2_adjustment:
+        names = module_names(model, hp.module_overrides())
+        for layer in hp.layers:
+            second_moment_for(model, tok, hp, names.rewrite_module_tmp.format(layer), stats_dir)
+
+
+# ---------------------------------------------------------------- one batch
+
+@dataclass
+class Session:
+    args: argparse.Namespace
+    hp: object
+    apply: object
+    model: object
+    tok: object
+    records: object
+    generation: GenerationSettings | None
+    generation_info: dict
+    run_dir: Path
+    params: dict
+
+
+def case_metrics(session: Session, index: int) -> tuple[dict, str]:
+    """Metrics of record `index` on the model as it is now, and whether the generation tests ran (or why not)."""
+    args, record = session.args, session.records[index]
+    if args.ds_name == "zsre":
+        return zsre_case_metrics(session.model, session.tok, record), "skipped: zsRE has no generation tests"
+    if session.generation is None:
+        return counterfact_case_metrics(session.model, session.tok, record), f"skipped: {session.generation_info['reason']}"
+    if index % args.generation_test_interval != 0:
+        return (counterfact_case_metrics(session.model, session.tok, record),
+                f"skipped: case {index} of the dataset is not a multiple of --generation_test_interval "
+                f"{args.generation_test_interval}")
+    return counterfact_case_metrics(session.model, session.tok, record, generation=session.generation), "run"
+
+
+def case_edit_reports(report: dict, n_requests: int) -> list[dict]:
+    """Per request, in order: its own target optimisation and the layers of the edit that wrote it
+    (ROME writes each fact by its own edit; MEMIT and EMMET write the whole batch at once)."""
+    entries = [{"objective": edit["objective"], "target_module": edit["target_module"], "target_optimisation": info,
+                "layers": edit["layers"]}
+               for edit in report["batches"] for info in edit["target_optimisation"]]
+    if len(entries) != n_requests:
+        raise RuntimeError(f"the edit report describes {len(entries)} requests, expected {n_requests}")
+    return entries
+
+
+def edit_batch(session: Session, requests: list) -> tuple[float, dict]:
+    """Write the requests into the model; (seconds, the algorithm's report)."""
+    args = session.args
+    extra = {"target_cache_dir": G.kv_dir()} if args.use_cache and not args.sequential else {}
+    report = {}
+    started = time.perf_counter()
+    session.apply(session.model, session.tok, requests, session.hp, copy=False, return_orig_weights=False,
+                  report=report, seed=args.seed, stats_dir=args.stats_dir, **extra)
+    return time.perf_counter() - started, report
+
+
+def run_batch(session: Session, batch: int, indices: list) -> None:
+    args, run_dir = session.args, session.run_dir
+    records = [session.records[i] for i in indices]
+    case_ids = [record["case_id"] for record in records]
+    pre = [case_metrics(session, i) for i in indices]
+    saved = None
+    if not args.sequential:
+        saved = orig_weights(session.model, session.hp)
+        if args.conserve_memory:
+            saved = {name: weight.cpu() for name, weight in saved.items()}
+    requests = [{"case_id": record["case_id"], **record["requested_rewrite"]} for record in records]
+    edit_time, report = edit_batch(session, requests)
+    if not session.params["statistics"]:
+        session.params["statistics"] = {layer["module"]: layer["statistics"] for layer in report["batches"][0]["layers"]}
+        write_json_atomic(run_dir / PARAMS_FILE, session.params)
+    post = [case_metrics(session, i)[0] for i in indices]
+    if saved is not None:
+        restore_weights(session.model, saved)
+    for record, (pre_metrics, generation_test), post_metrics, edit in zip(
+            records, pre, post, case_edit_reports(report, len(requests))):
+        write_json_atomic(case_path(run_dir, record["case_id"]), {
+            "case_id": record["case_id"], "batch": batch, "batch_case_ids": case_ids, "num_edits": args.num_edits,
+            "sequential": args.sequential, "requested_rewrite": record["requested_rewrite"], "edit_time": edit_time,
+            "generation_test": generation_test, "pre": pre_metrics, "post": post_metrics, "edit": edit})
+
+
+# ---------------------------------------------------------------- the run
+
+def prepare(args, default_run: bool) -> Session:
+    """Everything checked and loaded before the first edit; UsageError (and other ValueError/OSError) on bad input."""
+    if args.continue_from_run is not None:
+        stored = read_json(resume_dir(args) / PARAMS_FILE)
+    path = hparams_path(args.alg_name, args.hparams_fname)
+    hparams_class, apply = get_algorithm(args.alg_name)
+    hp = hparams_class.from_json(path)
+    hparams_from_file = hp.to_dict()
+    records, data_dir = load_dataset(args, default_run)
+    args.data_dir = str(data_dir)
+    if args.stats_corpus is None and default_run:
+        args.stats_corpus = demo_stats_corpus(hp.mom2_dataset, [data_dir, G.data_dir()])
+    if args.stats_corpus is not None:
+        hp.mom2_dataset = args.stats_corpus
+    if hp.mom2_adjustment and hp.mom2_dtype != args.dtype:
+        raise UsageError(f"{path}: mom2_dtype is {hp.mom2_dtype} but --dtype is {args.dtype}; the statistics are "
+                         f"computed with the model in mom2_dtype, so the two must match")
+    if args.continue_from_run is not None:  # fail before the (slow) model load where possible
+        check_resume(resume_dir(args), {**stored["args"], "hparams": stored["hparams"]},
+                     {**{key: vars(args)[key] for key in RESULT_ARGS}, "hparams": hparams_from_file})
+
+    log.info("dataset %s: %d cases from %s", args.ds_name, len(records), records.source)
+    log.info("model %s on %s in %s", args.model_name, args.device, args.dtype)
+    model, tok = load_model(args.model_name, args.device, args.dtype)
+    check_model_fits(model, hp, path, args)
+    model_id, model_revision = model_identity(model)
+    log.info("model id %s, revision %s", model_id, model_revision)
+    log.info("stats corpus: %s (cache %s)", hp.mom2_dataset if hp.mom2_adjustment else "none (mom2_adjustment off)",
+             args.stats_dir)
+    if args.use_cache and args.sequential:
+        log.info("--use_cache is ignored in sequential mode: each batch's targets depend on the earlier edits")
+    generation, generation_info = generation_plan(args, records, data_dir)
+
+    params = {
+        "alg_name": args.alg_name, "model_name": args.model_name, "model_id": model_id,
+        "model_revision": model_revision, "hparams_fname": str(path), "hparams": hparams_from_file,
+        "args": vars(args).copy(), "seed": args.seed, "ds_name": args.ds_name, "dataset_source": records.source,
+        "num_cases": len(records), "versions": library_versions(), "git_commit": git_commit(),
+        "device": args.device, "dtype": args.dtype,
+        "stats_corpus": hp.mom2_dataset if hp.mom2_adjustment else None, "generation": generation_info,
+        "default_run": default_run, "statistics": {}, "started_at": utc_now(), "status": "running",
+    }
+    params = as_json(params)
+    if args.continue_from_run is None:
+        run_dir = new_run_dir(Path(args.results_dir) / args.alg_name)
+    else:
+        run_dir = resume_dir(args)
+        check_resume(run_dir, stored, {key: params[key] for key in RESULT_PARAMS})
+        params = {**stored, "status": "running", "resumed_at": stored.get("resumed_at", []) + [utc_now()]}
+        for leftover in run_dir.glob(".*.tmp"):  # half-written files of a killed run (never read)
+            leftover.unlink()
+    write_json_atomic(run_dir / PARAMS_FILE, params)
+    log.info("run dir: %s", run_dir)
+    return Session(args, hp, apply, model, tok, records, generation, generation_info, run_dir, params)
+
+
+def first_batch_to_run(session: Session, batches: list) -> int:
+    """Sequential resume: load the checkpoint; batches up to it must be complete. Batched mode: 0."""
+    if not session.args.sequential:
+        return 0
+    if session.args.continue_from_run is not None:
+        warm_unedited_caches(session.model, session.tok, session.hp, session.args.seed, session.args.stats_dir)
+    last = load_checkpoint(session.run_dir, session.model, session.hp)
+    if last >= len(batches):
+        raise UsageError(f"{session.run_dir / CHECKPOINT_FILE} is past the last batch ({last} >= {len(batches)})")
+    for batch in range(last + 1):
+        case_ids = [session.records[i]["case_id"] for i in batches[batch]]
+        if not batch_is_complete(session.run_dir, batch, case_ids):
+            raise UsageError(f"{session.run_dir}: case files of batch {batch} are missing or broken, but the "
+                             f"sequential checkpoint is past it; its model state is lost: start a new run")
+    if last >= 0:
+        log.info("sequential resume: edited weights of batches 0..%d loaded from %s", last, CHECKPOINT_FILE)
+    return last + 1
+
+
+def evaluate(session: Session) -> None:
+    args, run_dir = session.args, session.run_dir
+    started = time.time()
+    n = len(session.records)
+    batches = [list(range(start, min(start + args.num_edits, n))) for start in range(0, n, args.num_edits)]
+    first = first_batch_to_run(session, batches)
+    with tqdm(total=n, unit="case", desc=f"{args.alg_name} {run_dir.name}") as progress:
+        for batch, indices in enumerate(batches):
+            case_ids = [session.records[i]["case_id"] for i in indices]
+            if batch < first or (not args.sequential and batch_is_complete(run_dir, batch, case_ids)):
+                log.info("batch %d (cases %s) already done; skipped", batch, case_ids)
+            else:
+                run_batch(session, batch, indices)
+                if args.sequential:
+                    save_checkpoint(run_dir, session.model, session.hp, batch)
+                log.info("batch %d/%d (cases %s) done", batch + 1, len(batches), case_ids)
+            progress.update(len(indices))
+    session.params.update(status="finished", finished_at=utc_now(), total_seconds=time.time() - started)
+    write_json_atomic(run_dir / PARAMS_FILE, session.params)
+
+
+def main(argv=None) -> int:
+    """Run the CLI; returns the exit status (2: bad input, with one message on stderr)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args, default_run = parse_args(sys.argv[1:] if argv is None else argv)
+    if default_run:
+        log.info("no arguments: running the demo %s", " ".join(DEFAULT_RUN_ARGV))
+    try:
+        session = prepare(args, default_run)
+    except (ValueError, OSError) as error:  # HparamsError, DatasetNotFound, UsageError, unreadable model/data
+        print(f"evaluate_unified_editing: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        evaluate(session)
+    except UsageError as error:  # a sequential checkpoint that cannot be continued
+        print(f"evaluate_unified_editing: error: {error}", file=sys.stderr)
+        return 2
+    print(f"Results: {session.run_dir}\nSummarize them with: python experiments/summarize.py {session.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

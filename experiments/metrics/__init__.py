@@ -1,0 +1,1 @@
+"""Per-case metrics: counterfact (NLL scores, ES/PS/NS), zsre (token accuracy), generation (GE, RS)."""

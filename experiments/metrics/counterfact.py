@@ -1,0 +1,158 @@
+"""CounterFact metrics (SPEC §6): teacher-forced target scores, per-case NLLs, and ES/PS/NS, EM/PM/NM.
+
+score(x) = mean per-token NLL of the tokens of " " + x after a prefix. The prefix is tokenized with the
+tokenizer's normal special tokens (BOS for Llama-like tokenizers) and the target separately, without
+special tokens; their ids are concatenated. Tokenizing "prefix target" as one string could merge tokens
+across the boundary and shift where the target starts; separate tokenization cannot.
+
+`score_targets` is the one teacher-forcing helper: CounterFact NLLs and zsRE token accuracy both use it.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+
+from util.tokens import pad_batch, prompt_token_ids, target_token_ids
+
+DEFAULT_BATCH_SIZE = 64
+
+# (metrics key, success score, magnitude score, the target the model should prefer)
+SCORED_GROUPS = (
+    ("rewrite_prompts_nll", "ES", "EM", "target_new"),
+    ("paraphrase_prompts_nll", "PS", "PM", "target_new"),
+    ("neighborhood_prompts_nll", "NS", "NM", "target_true"),
+)
+OTHER_TARGET = {"target_new": "target_true", "target_true": "target_new"}
+
+
+def record_field(record: dict, *keys):
+    """record[k1][k2]..., or a ValueError that names the case and the missing key path."""
+    value = record
+    for depth, key in enumerate(keys):
+        if not isinstance(value, dict) or key not in value:
+            path = ".".join(keys[:depth + 1])
+            raise ValueError(f"record (case_id {record.get('case_id', '?')!r}) has no field {path!r}")
+        value = value[key]
+    return value
+
+
+def string_list(record: dict, key: str) -> list[str]:
+    """record[key] checked to be a list of strings."""
+    value = record_field(record, key)
+    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+        raise ValueError(f"record (case_id {record.get('case_id', '?')!r}): {key!r} must be a list of strings")
+    return value
+
+
+def rewrite_prompt(record: dict) -> str:
+    """The requested rewrite's prompt template with the subject filled in for "{}"."""
+    template = record_field(record, "requested_rewrite", "prompt")
+    if "{}" not in template:
+        raise ValueError(f"record (case_id {record.get('case_id', '?')!r}): prompt {template!r} has no '{{}}'")
+    return template.replace("{}", record_field(record, "requested_rewrite", "subject"))
+
+
+@dataclass(frozen=True)
+class TargetScores:
+    """Per target token: log p(token | prefix, earlier target tokens) and whether it is the argmax."""
+
+    log_probs: list[float]
+    correct: list[bool]
+
+
+def score_targets(model, tok, prefixes, targets, batch_size=DEFAULT_BATCH_SIZE) -> list[TargetScores]:
+    """Teacher-forced scores of each target after its prefix, in right-padded batches."""
+    if len(prefixes) != len(targets):
+        raise ValueError(f"{len(prefixes)} prefixes but {len(targets)} targets")
+    pairs = []
+    for prefix, target in zip(prefixes, targets):
+        prefix_ids = prompt_token_ids(tok, prefix)
+        if not prefix_ids:
+            raise ValueError(f"prefix {prefix!r} tokenizes to no tokens: nothing to condition the target on")
+        pairs.append((prefix_ids, target_token_ids(tok, target)))
+    scores = []
+    for start in range(0, len(pairs), batch_size):
+        scores += _score_batch(model, tok, pairs[start:start + batch_size])
+    return scores
+
+
+def _score_batch(model, tok, pairs) -> list[TargetScores]:
+    device = next(model.parameters()).device
+    batch = pad_batch(tok, [prefix + target for prefix, target in pairs], padding_side="right", device=device)
+    with torch.no_grad():
+        logits = model(**batch).logits
+    scores = []
+    for row, (prefix, target) in enumerate(pairs):
+        # The logits at position i predict token i + 1: the target's tokens are predicted from
+        # the prefix's last position up to the target's second-to-last.
+        predicting = slice(len(prefix) - 1, len(prefix) + len(target) - 1)
+        log_probs = torch.log_softmax(logits[row, predicting].float(), dim=-1)
+        target_ids = torch.tensor(target, device=log_probs.device)
+        scores.append(TargetScores(
+            log_probs=log_probs.gather(1, target_ids[:, None]).squeeze(1).tolist(),
+            correct=(log_probs.argmax(dim=-1) == target_ids).tolist(),
+        ))
+    return scores
+
+
+def target_nll(model, tok, prefixes, targets, batch_size=DEFAULT_BATCH_SIZE) -> list[float]:
+    """SPEC §6 score: mean per-token NLL of " " + target after the prefix, one per (prefix, target) pair."""
+    return [-sum(s.log_probs) / len(s.log_probs) for s in score_targets(model, tok, prefixes, targets, batch_size)]
+
+
+def counterfact_case_metrics(model, tok, record: dict, generation=None, batch_size=DEFAULT_BATCH_SIZE) -> dict:
+    """NLLs of both targets after every rewrite/paraphrase/neighborhood prompt, in one batched call.
+
+    Prompt groups the record lacks are left out; attribute_prompts are not scored (no metric of
+    SPEC §6 uses them). `generation`: a generation.GenerationSettings; when given, its result is
+    stored under "generation".
+    """
+    target_new = record_field(record, "requested_rewrite", "target_new", "str")
+    target_true = record_field(record, "requested_rewrite", "target_true", "str")
+    groups = {"rewrite_prompts": [rewrite_prompt(record)]}
+    for key in ("paraphrase_prompts", "neighborhood_prompts"):
+        if key in record:
+            groups[key] = string_list(record, key)
+
+    prefixes = [prompt for prompts in groups.values() for prompt in prompts for _ in range(2)]
+    targets = [t for prompts in groups.values() for _ in prompts for t in (target_new, target_true)]
+    nlls = iter(target_nll(model, tok, prefixes, targets, batch_size))
+    metrics = {
+        f"{key}_nll": [{"target_new": next(nlls), "target_true": next(nlls)} for _ in prompts]
+        for key, prompts in groups.items()
+    }
+    if generation is not None:
+        metrics["generation"] = generation.evaluate(model, tok, record)
+    return metrics
+
+
+def counterfact_case_scores(case_metrics: dict) -> dict:
+    """ES/PS/NS (fractions of prompts where the right target has the lower NLL) and EM/PM/NM
+    (mean p(right) − p(wrong), p = exp(−NLL)); GE and RS from the generation entry when present.
+    A group absent or empty in the case gives no score (not 0)."""
+    scores = {}
+    for key, success, magnitude, preferred in SCORED_GROUPS:
+        pairs = case_metrics.get(key)
+        if not pairs:
+            continue
+        other = OTHER_TARGET[preferred]
+        scores[success] = sum(p[preferred] < p[other] for p in pairs) / len(pairs)
+        scores[magnitude] = sum(math.exp(-p[preferred]) - math.exp(-p[other]) for p in pairs) / len(pairs)
+    generation = case_metrics.get("generation", {})
+    if "ngram_entropy" in generation:
+        scores["GE"] = generation["ngram_entropy"]
+    if "reference_score" in generation:
+        scores["RS"] = generation["reference_score"]
+    return scores
+
+
+def harmonic_mean(values) -> float:
+    """Harmonic mean of non-negative values; 0 when any value is 0 (e.g. the score S of ES, PS, NS)."""
+    values = [float(v) for v in values]
+    if not values:
+        raise ValueError("harmonic_mean of no values")
+    if any(v < 0 or math.isnan(v) for v in values):
+        raise ValueError(f"harmonic_mean needs non-negative numbers, got {values}")
+    if any(v == 0 for v in values):
+        return 0.0
+    return len(values) / sum(1 / v for v in values)

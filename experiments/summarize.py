@@ -1,0 +1,413 @@
+"""Summaries of edit runs: a table per run of every metric before and after the edit, CSV/JSON rows,
+and metric-against-batch-size plots in the style of the EMMET and FastMEMIT papers' figures.
+
+Per-case scores come from the metrics modules (counterfact_case_scores, zsre_case_scores); this file
+only averages them. Every metric value in a summary is 100 × the per-case value: ES/PS/NS and EM/PM/NM
+in %, GE the n-gram entropy (generation.py's reference scale) × 100 (unedited GPT-2 XL ≈ 626), RS the
+tf-idf cosine × 100. Spread is the population standard deviation over cases (as np.std in the
+references). S = harmonic mean of the mean ES, PS and NS (SPEC §6).
+
+Usage: python experiments/summarize.py RUN [RUN ...] [--csv F] [--json F] [--plot F.png] [--first_n_cases N]
+"""
+import argparse
+import csv
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from experiments.metrics.counterfact import counterfact_case_scores, harmonic_mean
+from experiments.metrics.zsre import zsre_case_scores
+from util.io import write_json_atomic
+
+SCALE = 100
+METRICS = ("ES", "PS", "NS", "EM", "PM", "NM", "GE", "RS")
+SCORE_PARTS = ("ES", "PS", "NS")
+SIDES = ("pre", "post")
+CASE_SCORES = {"cf": counterfact_case_scores, "mcf": counterfact_case_scores, "zsre": zsre_case_scores}
+SCALE_NOTES = {
+    "counterfact": "values ×100: ES/PS/NS, EM/PM/NM in %; GE = n-gram entropy ×100 (unedited GPT-2 XL ≈ 626); "
+                   "RS = tf-idf cosine ×100",
+    "zsre": "values ×100: ES/PS/NS = token accuracy in %",
+}
+PLOT_METRICS = ("ES", "PS", "NS", "S", "GE")
+RUN_DIR_RE = re.compile(r"^run_\d+$")
+CASE_FILE_RE = re.compile(r"^case_(\d+)\.json$")
+
+
+class RunError(ValueError):
+    """A run directory that cannot be summarized (no readable params.json, unknown dataset, ...)."""
+
+
+class CaseError(ValueError):
+    """A case file that cannot be read or scored; the run is summarized without it."""
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and (RUN_DIR_RE.match(path.name) is not None or (path / "params.json").is_file())
+
+
+def run_sort_key(path: Path):
+    match = re.search(r"\d+$", path.name)
+    return (str(path.parent), int(match.group()) if match else -1, path.name)
+
+
+def find_runs(path) -> list[Path]:
+    """The run directories a CLI argument names: itself (a run), its runs (an algorithm directory),
+    or its algorithms' runs (a results root)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise RunError(f"{path} is not a directory (expected a run, algorithm or results directory)")
+    if is_run_dir(path):
+        return [path]
+    runs = [child for child in path.iterdir() if is_run_dir(child)]
+    if not runs:
+        runs = [run for alg_dir in path.iterdir() if alg_dir.is_dir()
+                for run in alg_dir.iterdir() if is_run_dir(run)]
+    if not runs:
+        raise RunError(f"{path} holds no run directories (run_XXX with params.json)")
+    return sorted(runs, key=run_sort_key)
+
+
+def read_params(run_dir: Path) -> dict:
+    path = run_dir / "params.json"
+    try:
+        with open(path) as f:
+            params = json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise RunError(f"{path}: cannot read run parameters ({error})") from None
+    if not isinstance(params, dict):
+        raise RunError(f"{path}: expected a JSON object, got {type(params).__name__}")
+    if params.get("ds_name") not in CASE_SCORES:
+        raise RunError(f"{path}: 'ds_name' is {params.get('ds_name')!r}; expected one of {', '.join(CASE_SCORES)}")
+    if not isinstance(params.get("hparams", {}), dict):
+        raise RunError(f"{path}: 'hparams' must be an object")
+    return params
+
+
+def case_files(run_dir: Path, first_n_cases=None) -> list[Path]:
+    """case_<id>.json files in case-id order (the .tmp files of atomic writes never match);
+    with first_n_cases, only the first N of them."""
+    files = sorted((int(m.group(1)), p) for p in run_dir.iterdir() if (m := CASE_FILE_RE.match(p.name)))
+    files = [p for _, p in files]
+    return files if first_n_cases is None else files[:first_n_cases]
+
+
+def read_case(path: Path, case_scores) -> dict:
+    """One case: its pre and post scores, batch index and the batch's edit time."""
+    try:
+        with open(path) as f:
+            case = json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise CaseError(f"{path}: not readable JSON ({error})") from None
+    if not isinstance(case, dict):
+        raise CaseError(f"{path}: expected a JSON object, got {type(case).__name__}")
+    scores = {}
+    for side in SIDES:
+        if not isinstance(case.get(side), dict):
+            raise CaseError(f"{path}: no {side!r} metrics object")
+        try:
+            scores[side] = case_scores(case[side])
+        except (TypeError, KeyError, ValueError) as error:
+            raise CaseError(f"{path}: {side!r} metrics do not have the expected structure ({error!r})") from None
+    return {**scores, "batch": case.get("batch"), "edit_time": case.get("edit_time"),
+            "num_edits": case.get("num_edits"), "sequential": case.get("sequential")}
+
+
+def metric_stats(scores: list[dict], side: str) -> dict:
+    """{side}_{metric}_mean/_std/_n over the cases that have the metric (×SCALE), and {side}_S."""
+    present = {name for case in scores for name in case}
+    names = [m for m in METRICS if m in present] + sorted(present - set(METRICS))
+    row = {}
+    for name in names:
+        values = [SCALE * case[name] for case in scores if name in case]
+        row[f"{side}_{name}_mean"] = statistics.fmean(values)
+        row[f"{side}_{name}_std"] = statistics.pstdev(values)
+        row[f"{side}_{name}_n"] = len(values)
+    if all(f"{side}_{m}_mean" in row for m in SCORE_PARTS):
+        row[f"{side}_S"] = harmonic_mean(row[f"{side}_{m}_mean"] for m in SCORE_PARTS)
+    return row
+
+
+def edit_times(cases: list[dict]) -> dict:
+    """Mean and total edit time over the batches seen (cases of one batch share its edit time)."""
+    per_batch = {case["batch"]: case["edit_time"] for case in cases
+                 if case["batch"] is not None and isinstance(case["edit_time"], (int, float))}
+    if not per_batch:
+        return {}
+    return {"batches": len(per_batch), "edit_time_mean": statistics.fmean(per_batch.values()),
+            "edit_time_total": sum(per_batch.values())}
+
+
+def first_known(cases: list[dict], key: str, fallback):
+    return next((case[key] for case in cases if case[key] is not None), fallback)
+
+
+def summarize_run(run_dir, first_n_cases=None) -> dict:
+    """One flat dict per run: descriptors, case counts, edit times, and every metric's pre/post stats."""
+    run_dir = Path(run_dir)
+    params = read_params(run_dir)
+    case_scores = CASE_SCORES[params["ds_name"]]
+    cases, unparseable = [], 0
+    for path in case_files(run_dir, first_n_cases):
+        try:
+            cases.append(read_case(path, case_scores))
+        except CaseError as error:
+            warn(f"skipping {error}")
+            unparseable += 1
+    hparams, args = params.get("hparams", {}), params.get("args") or {}
+    expected = params.get("num_cases")
+    if isinstance(expected, int) and first_n_cases is not None:
+        expected = min(expected, first_n_cases)
+    summary = {
+        "run_dir": str(run_dir),
+        "alg": params.get("alg_name"),
+        "model": params.get("model_name"),
+        "hparams": Path(params["hparams_fname"]).name if params.get("hparams_fname") else None,
+        "ds_name": params["ds_name"],
+        "dynamic": bool(hparams.get("dynamic", False)),
+        "dynamic_multiplier": hparams.get("dynamic_multiplier") if hparams.get("dynamic") else None,
+        "num_edits": first_known(cases, "num_edits", args.get("num_edits")),
+        "sequential": first_known(cases, "sequential", args.get("sequential")),
+        "status": params.get("status", "unknown"),
+        "total_seconds": params.get("total_seconds"),
+        "cases": len(cases),
+        "cases_expected": expected,
+        "cases_missing": max(0, expected - len(cases) - unparseable) if isinstance(expected, int) else None,
+        "cases_unparseable": unparseable,
+        **edit_times(cases),
+    }
+    for side in SIDES:
+        summary.update(metric_stats([case[side] for case in cases], side))
+    return summary
+
+
+def metric_names(summary: dict) -> list[str]:
+    """Metric names with stats in the summary, in METRICS order (then any others)."""
+    names = []
+    for key in summary:
+        side, _, rest = key.partition("_")
+        if side in SIDES and rest.endswith("_mean") and rest[:-5] not in names:
+            names.append(rest[:-5])
+    return [m for m in METRICS if m in names] + [m for m in names if m not in METRICS]
+
+
+def mean_std(summary: dict, side: str, name: str) -> str:
+    if f"{side}_{name}_mean" not in summary:
+        return "-"
+    return f"{summary[f'{side}_{name}_mean']:.2f} ± {summary[f'{side}_{name}_std']:.2f}"
+
+
+def format_seconds(value) -> str:
+    return "-" if value is None else f"{value:.2f} s"
+
+
+def format_table(summary: dict) -> str:
+    """The printed per-run table: descriptors, then one row per metric with pre and post mean ± std."""
+    fast = (f"dynamic, multiplier {summary['dynamic_multiplier']}" if summary["dynamic"]
+            else "off (full statistics)")
+    counts = f"cases {summary['cases']}"
+    if summary["cases_expected"] is not None:
+        counts += f" of {summary['cases_expected']} (missing {summary['cases_missing']}"
+    else:
+        counts += " (of ? expected"
+    counts += f", unparseable {summary['cases_unparseable']})"
+    edit = "edit time -"
+    if "edit_time_mean" in summary:
+        edit = (f"edit time {summary['edit_time_mean']:.2f} s per batch, "
+                f"{summary['edit_time_total']:.2f} s total over {summary['batches']} batches")
+    lines = [
+        f"== {summary['run_dir']} [{summary['status']}] ==",
+        f"alg {summary['alg']} | model {summary['model']} | hparams {summary['hparams']} | "
+        f"dataset {summary['ds_name']} | num_edits {summary['num_edits']} | sequential {summary['sequential']}",
+        f"FastMEMIT statistics cap: {fast}",
+        f"{counts} | {edit} | run wall time {format_seconds(summary['total_seconds'])}",
+        f"{SCALE_NOTES['zsre' if summary['ds_name'] == 'zsre' else 'counterfact']}; mean ± std over cases",
+    ]
+    names = metric_names(summary)
+    if not names:
+        return "\n".join(lines + ["  no scored cases"])
+    rows = [("metric", "pre", "post", "n")]
+    for name in names:
+        n = summary.get(f"post_{name}_n", summary.get(f"pre_{name}_n"))
+        rows.append((name, mean_std(summary, "pre", name), mean_std(summary, "post", name), str(n)))
+    rows.append(("S", *(f"{summary[f'{side}_S']:.2f}" if f"{side}_S" in summary else "-" for side in SIDES),
+                 "harmonic mean of ES, PS, NS means"))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        lines.append(f"  {row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]}")
+    return "\n".join(lines)
+
+
+def table_columns(rows: list[dict]) -> list[str]:
+    columns = []
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    return columns
+
+
+def write_csv(rows: list[dict], path) -> None:
+    """One line per run; written to a temporary file and renamed, so a reader never sees half a table."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=table_columns(rows), restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def line_label(summary: dict, several_models: bool, several_datasets: bool) -> str:
+    """One plotted line per algorithm; FastMEMIT variants apart, labelled with their multiplier."""
+    label = summary["alg"] or "?"
+    if summary["dynamic"]:
+        label += f" (dynamic ×{summary['dynamic_multiplier']:g})"
+    if summary["sequential"]:
+        label += ", sequential"
+    if several_models:
+        label += f", {summary['model']}"
+    if several_datasets:
+        label += f", {summary['ds_name']}"
+    return label
+
+
+def plot_value_key(name: str) -> str:
+    return "post_S" if name == "S" else f"post_{name}_mean"
+
+
+def plot_series(summaries: list[dict]) -> dict:
+    """{label: {num_edits: [summaries]}} for the runs that have a batch size."""
+    several_models = len({s["model"] for s in summaries}) > 1
+    several_datasets = len({s["ds_name"] for s in summaries}) > 1
+    series = {}
+    for summary in summaries:
+        if not isinstance(summary["num_edits"], int):
+            warn(f"{summary['run_dir']}: no num_edits known, left out of the plot")
+            continue
+        label = line_label(summary, several_models, several_datasets)
+        series.setdefault(label, {}).setdefault(summary["num_edits"], []).append(summary)
+    return series
+
+
+def plot_runs(summaries: list[dict], path) -> Figure:
+    """Post-edit ES, PS, NS, S (and GE when any run has it) against num_edits on a log2 axis, one
+    subplot per metric; runs sharing a line and batch size are averaged and the point says so."""
+    series = plot_series(summaries)
+    names = [m for m in PLOT_METRICS if any(plot_value_key(m) in s for s in summaries)]
+    if not series or not names:
+        raise RunError("nothing to plot: no run has both num_edits and post-edit scores")
+    batch_sizes = sorted({num_edits for by_batch in series.values() for num_edits in by_batch})
+    fig = Figure(figsize=(4 * len(names), 3.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    averaged = False
+    for index, name in enumerate(names):
+        ax = fig.add_subplot(1, len(names), index + 1)
+        key = plot_value_key(name)
+        for label, by_batch in series.items():
+            points = []
+            for num_edits in sorted(by_batch):
+                values = [s[key] for s in by_batch[num_edits] if key in s]
+                if values:
+                    points.append((num_edits, statistics.fmean(values), len(values)))
+            if not points:
+                continue
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+            for x, y, count in points:
+                if count > 1:
+                    averaged = True
+                    ax.annotate(f"avg of {count}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
+        ax.minorticks_off()
+        ax.set_xlabel("batch size (num_edits)")
+        ax.set_title(f"post-edit {name}" + (" (×100)" if name == "GE" else " (%)"))
+        ax.grid(True, alpha=0.3)
+    fig.axes[0].legend(fontsize=8)
+    if averaged:
+        fig.suptitle("points marked 'avg of k' are the mean of k runs with the same line and batch size",
+                     fontsize=9)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=100)
+    return fig
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Summarize edit runs: per-run tables of every metric pre/post edit (values ×100), "
+                    "optional CSV/JSON rows and a metrics-vs-batch-size plot.")
+    parser.add_argument("runs", nargs="+", metavar="RUN",
+                        help="a run directory (results/EMMET/run_003), an algorithm directory (all its runs) "
+                             "or a results root (every algorithm's runs)")
+    parser.add_argument("--csv", help="write one row per run (every metric's pre_/post_ mean, std, n; S; "
+                                      "run descriptors) to this CSV file")
+    parser.add_argument("--json", help="write the same rows as a JSON list of objects to this file")
+    parser.add_argument("--plot", help="write a PNG of post-edit ES/PS/NS/S (and GE) against num_edits, "
+                                       "one line per algorithm / FastMEMIT variant")
+    parser.add_argument("--first_n_cases", type=positive_int,
+                        help="summarize only the first N case files of each run (in case-id order)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    run_dirs = []
+    try:
+        for run in args.runs:
+            run_dirs += [path for path in find_runs(run) if path not in run_dirs]
+    except RunError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    summaries, skipped = [], 0
+    for run_dir in run_dirs:
+        try:
+            summaries.append(summarize_run(run_dir, args.first_n_cases))
+        except RunError as error:
+            warn(f"skipping run: {error}")
+            skipped += 1
+            continue
+        print(format_table(summaries[-1]), end="\n\n")
+    if not summaries:
+        print("error: no run could be summarized", file=sys.stderr)
+        return 1
+    if args.csv:
+        write_csv(summaries, args.csv)
+        print(f"wrote {args.csv}")
+    if args.json:
+        write_json_atomic(args.json, summaries)
+        print(f"wrote {args.json}")
+    if args.plot:
+        try:
+            plot_runs(summaries, args.plot)
+        except RunError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        print(f"wrote {args.plot}")
+    return 1 if skipped else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

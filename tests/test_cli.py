@@ -1,0 +1,299 @@
+"""The evaluation CLI end to end on a tiny GPT-2: results format, batched vs sequential, resume after a real
+kill, boolean flags and clear errors for bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from experiments import evaluate_unified_editing as cli
+from experiments.metrics.counterfact import counterfact_case_metrics
+from tests.conftest import make_tiny_model
+from util.globals import REPO_ROOT
+from util.models import load_model
+
+N_LAYER = 4
+D_MLP = 64  # d_k of GPT-2's mlp.c_proj
+EDIT_LAYER = 1
+REWRITE_MODULE = f"transformer.h.{EDIT_LAYER}.mlp.c_proj"
+MULTIPLIER = 2  # FastMEMIT cap: C0 from exactly 2 x d_k tokens
+N_CASES = 6
+NUM_EDITS = 2
+NLL_GROUPS = ("rewrite_prompts_nll", "paraphrase_prompts_nll", "neighborhood_prompts_nll")
+CASE_KEYS = {"case_id", "batch", "batch_case_ids", "num_edits", "sequential", "requested_rewrite", "edit_time",
+             "generation_test", "pre", "post", "edit"}
+PARAMS_KEYS = {"alg_name", "model_name", "model_id", "model_revision", "hparams_fname", "hparams", "args", "seed",
+               "ds_name", "dataset_source", "num_cases", "versions", "git_commit", "device", "dtype", "statistics",
+               "started_at", "status", "finished_at", "total_seconds"}
+FACTS = [  # subject, prompt, true, new
+    ("Danielle Darrieux", "The mother tongue of {} is", "French", "English"),
+    ("Edwin of Northumbria", "The official religion of {} is", "Christianity", "Islam"),
+    ("Toko Yasuda", "{} plays the instrument", "guitar", "piano"),
+    ("Autonomous University of Madrid", "{} is located in the country of", "Spain", "Sweden"),
+    ("Thomas Joannes Stieltjes", "The mother tongue of {} is", "Dutch", "English"),
+    ("Anaal Nathrakh", "{} was founded in", "Birmingham", "Philadelphia"),
+]
+
+
+def make_record(case_id, subject, prompt, true, new):
+    return {
+        "case_id": case_id,
+        "requested_rewrite": {"prompt": prompt, "relation_id": "P1", "subject": subject,
+                              "target_new": {"str": new, "id": f"Q{case_id}"}, "target_true": {"str": true, "id": "Q0"}},
+        "paraphrase_prompts": [f"Some words. {prompt.format(subject)}", f"In short, {prompt.format(subject)}"],
+        "neighborhood_prompts": [prompt.format("Someone else"), prompt.format("Another person")],
+        "attribute_prompts": [prompt.format("A third person")],
+        "generation_prompts": [f"{subject} is known for", f"People say that {subject}"],
+    }
+
+
+def write_hparams(path: Path, corpus: Path, **changes) -> Path:
+    hparams = {"layers": [EDIT_LAYER], "v_num_grad_steps": 3, "v_lr": 0.5, "v_loss_layer": N_LAYER - 1,
+               "v_weight_decay": 0.5, "clamp_norm_factor": 4.0, "kl_factor": 0.0625,
+               "context_template_length_params": [[3, 2]], "mom2_dataset": str(corpus), "mom2_n_samples": 10,
+               "mom2_dtype": "float32", "mom2_update_weight": 100.0, "dynamic": True,
+               "dynamic_multiplier": MULTIPLIER, "emmet_lambda": 0.1}
+    hparams.update(changes)
+    path.write_text(json.dumps({k: v for k, v in hparams.items() if v is not None}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, embedded_tokenizer):
+    """A tiny saved model, a CounterFact data dir, a local corpus, hparams and a shared stats cache."""
+    root = tmp_path_factory.mktemp("cli")
+    model_dir = root / "tiny-gpt2"
+    make_tiny_model("gpt2", embedded_tokenizer, n_layer=N_LAYER, d_mlp=D_MLP).save_pretrained(model_dir)
+    embedded_tokenizer.save_pretrained(model_dir)
+    data_dir = root / "data"
+    data_dir.mkdir()
+    records = [make_record(10 + i, *fact) for i, fact in enumerate(FACTS)]
+    (data_dir / "counterfact.json").write_text(json.dumps(records))
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Paragraph {i}: the river flows past the old mill, and the town's people meet "
+                                  f"there every morning to trade bread, fish and news of the valley." for i in range(20)))
+    return SimpleNamespace(root=root, model_dir=model_dir, data_dir=data_dir, records=records, corpus=corpus,
+                           hparams=write_hparams(root / "emmet.json", corpus), stats_dir=root / "stats")
+
+
+@pytest.fixture(autouse=True)
+def no_downloads(monkeypatch):
+    monkeypatch.setenv("KE_NO_DOWNLOAD", "1")
+
+
+def argv_for(ws, results_dir, *extra, hparams=None, alg="EMMET"):
+    return [f"--alg_name={alg}", f"--model_name={ws.model_dir}", f"--hparams_fname={hparams or ws.hparams}",
+            "--ds_name=cf", f"--num_edits={NUM_EDITS}", f"--dataset_size_limit={N_CASES}",
+            "--generation_test_interval=2", f"--data_dir={ws.data_dir}", f"--results_dir={results_dir}",
+            f"--stats_dir={ws.stats_dir}", "--device=cpu", *extra]
+
+
+def run_capturing_model(ws, argv):
+    """main(argv) in-process; (exit status, the run dir, the model object as the CLI left it)."""
+    loaded = []
+
+    def capture(*args, **kwargs):
+        loaded.append(load_model(*args, **kwargs))
+        return loaded[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KE_NO_DOWNLOAD", "1")
+        patch.setattr(cli, "load_model", capture)
+        status = cli.main(argv)
+    results_dir = Path(next(a for a in argv if a.startswith("--results_dir=")).split("=", 1)[1])
+    runs = sorted((results_dir / "EMMET").glob("run_*")) + sorted((results_dir / "ROME").glob("run_*"))
+    return status, runs[-1] if runs else None, loaded[0][0] if loaded else None
+
+
+@pytest.fixture(scope="module")
+def batched_run(ws):
+    status, run_dir, model = run_capturing_model(ws, argv_for(ws, ws.root / "results_batched", "--sequential=False"))
+    assert status == 0
+    return SimpleNamespace(run_dir=run_dir, model=model)
+
+
+@pytest.fixture(scope="module")
+def sequential_run(ws):
+    status, run_dir, model = run_capturing_model(ws, argv_for(ws, ws.root / "results_sequential", "--sequential"))
+    assert status == 0
+    return SimpleNamespace(run_dir=run_dir, model=model)
+
+
+def read_cases(run_dir: Path) -> dict:
+    return {case["case_id"]: case for case in map(cli.read_json, sorted(run_dir.glob("case_*.json")))}
+
+
+def nlls(metrics: dict) -> dict:
+    return {group: metrics[group] for group in NLL_GROUPS}
+
+
+def unedited_metrics(ws, case_index: int) -> dict:
+    model, tok = load_model(str(ws.model_dir))
+    return counterfact_case_metrics(model, tok, ws.records[case_index])
+
+
+# ---------------------------------------------------------------- flags
+
+def test_boolean_flags_parse_words_and_reject_others():
+    base = ["--alg_name=ROME", "--model_name=m", "--hparams_fname=h.json", "--ds_name=cf"]
+    assert cli.parse_args(base)[0].sequential is False
+    assert cli.parse_args(base + ["--sequential"])[0].sequential is True
+    assert cli.parse_args(base + ["--sequential=False"])[0].sequential is False
+    assert cli.parse_args(base + ["--sequential=yes"])[0].sequential is True
+    assert cli.parse_args(base + ["--sequential", "0"])[0].sequential is False
+    assert cli.parse_args(base + ["--use_cache=TRUE", "--conserve_memory=no"])[0].use_cache is True
+    for bad in (["--sequential=maybe"], ["--skip_generation_tests=2"], ["--ds_name=counterfact"], ["--num_edits=0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.parse_args(base + bad)
+        assert exit_info.value.code == 2
+
+
+# ---------------------------------------------------------------- results format, batched vs sequential
+
+def test_batched_run_writes_the_results_format(ws, batched_run):
+    params = cli.read_json(batched_run.run_dir / "params.json")
+    assert PARAMS_KEYS <= params.keys()
+    assert params["status"] == "finished" and params["num_cases"] == N_CASES and params["args"]["sequential"] is False
+    assert params["hparams"]["layers"] == [EDIT_LAYER] and params["hparams_fname"] == str(ws.hparams)
+    assert params["statistics"][REWRITE_MODULE]["n_tokens"] == MULTIPLIER * D_MLP
+    assert str(ws.corpus) in params["statistics"][REWRITE_MODULE]["corpus"]
+    assert "reference_score_skipped" in params["generation"]  # no snippets / tf-idf in the data dir
+    cases = read_cases(batched_run.run_dir)
+    assert sorted(cases) == [r["case_id"] for r in ws.records]
+    for index, record in enumerate(ws.records):
+        case = cases[record["case_id"]]
+        assert set(case) == CASE_KEYS
+        assert case["batch"] == index // NUM_EDITS
+        assert case["batch_case_ids"] == [r["case_id"] for r in ws.records[index - index % NUM_EDITS:][:NUM_EDITS]]
+        assert type(case["edit_time"]) is float and case["edit_time"] > 0
+        assert case["requested_rewrite"] == record["requested_rewrite"]
+        assert case["edit"]["layers"][0]["module"] == REWRITE_MODULE and "steps" in case["edit"]["target_optimisation"]
+        assert ("generation" in case["pre"]) == ("generation" in case["post"]) == (index % 2 == 0)
+        pre_new, post_new = (case[when]["rewrite_prompts_nll"][0]["target_new"] for when in ("pre", "post"))
+        assert post_new < pre_new  # the edit was in the model when "post" was measured
+
+
+def test_batched_mode_restores_the_weights_after_each_batch(ws, batched_run):
+    cases = read_cases(batched_run.run_dir)
+    for index in (NUM_EDITS, N_CASES - 1):  # cases of later batches: evaluated on the unedited model
+        assert nlls(cases[ws.records[index]["case_id"]]["pre"]) == pytest.approx(nlls(unedited_metrics(ws, index)))
+    original, _ = load_model(str(ws.model_dir))
+    final = batched_run.model.state_dict()
+    assert all(torch.equal(final[name], weight) for name, weight in original.state_dict().items())
+
+
+def test_sequential_mode_keeps_every_edit(ws, sequential_run):
+    cases = read_cases(sequential_run.run_dir)
+    assert {case["sequential"] for case in cases.values()} == {True}
+    first = ws.records[0]["case_id"]
+    assert nlls(cases[first]["pre"]) == pytest.approx(nlls(unedited_metrics(ws, 0)))
+    later = cases[ws.records[NUM_EDITS]["case_id"]]["pre"]["rewrite_prompts_nll"][0]["target_new"]
+    assert later != pytest.approx(unedited_metrics(ws, NUM_EDITS)["rewrite_prompts_nll"][0]["target_new"], rel=1e-6)
+    original = load_model(str(ws.model_dir))[0].state_dict()
+    final = sequential_run.model.state_dict()
+    changed = {name for name, weight in original.items() if not torch.equal(final[name], weight)}
+    assert changed == {f"{REWRITE_MODULE}.weight"}
+    with cli.safe_open(str(sequential_run.run_dir / cli.CHECKPOINT_FILE), framework="pt") as f:
+        assert f.metadata()["last_batch"] == str(N_CASES // NUM_EDITS - 1)
+        assert torch.equal(f.get_tensor(REWRITE_MODULE), final[f"{REWRITE_MODULE}.weight"])
+
+
+def test_rome_reports_each_cases_own_edit_and_negative_interval_means_never(ws, tmp_path):
+    hparams = write_hparams(tmp_path / "rome.json", ws.corpus, emmet_lambda=None)
+    argv = argv_for(ws, tmp_path / "results", "--dataset_size_limit=2", "--generation_test_interval=-1",
+                    hparams=hparams, alg="ROME")
+    status, run_dir, _ = run_capturing_model(ws, argv)
+    assert status == 0
+    cases = list(read_cases(run_dir).values())
+    assert len(cases) == 2 and cases[0]["batch_case_ids"] == cases[1]["batch_case_ids"]
+    # ROME writes each fact by its own rank-one edit: each case file holds its own solve.
+    assert cases[0]["edit"]["layers"][0]["solver"] != cases[1]["edit"]["layers"][0]["solver"]
+    assert all("generation" not in case["pre"] and case["generation_test"].startswith("skipped") for case in cases)
+    assert cli.read_json(run_dir / "params.json")["generation"]["run"] is False
+
+
+# ---------------------------------------------------------------- resume after a real kill
+
+def wait_for(paths, process, log_path, timeout=180.0):
+    deadline = time.time() + timeout
+    while not all(p.exists() for p in paths):
+        if process.poll() is not None:
+            pytest.fail(f"the run ended (status {process.returncode}) before it could be killed:\n"
+                        f"{log_path.read_text()[-3000:]}")
+        if time.time() > deadline:
+            pytest.fail(f"timed out waiting for {paths}")
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("mode", ["batched", "sequential"])
+def test_killed_run_continues_with_every_case_exactly_once(ws, tmp_path, mode, request):
+    uninterrupted = request.getfixturevalue(f"{mode}_run")
+    sequential = mode == "sequential"
+    argv = argv_for(ws, tmp_path / "results", f"--sequential={sequential}")
+    # Both ways of starting the CLI; one thread keeps the tiny model fast on a busy machine.
+    entry = ["-m", "experiments.evaluate_unified_editing"] if sequential else [
+        str(REPO_ROOT / "experiments" / "evaluate_unified_editing.py")]
+    run_dir = tmp_path / "results" / "EMMET" / "run_000"
+    ids = [r["case_id"] for r in ws.records]
+    # Batched: kill once batches 0 and 1 are written; sequential: once batch 0's checkpoint is written.
+    written = [run_dir / cli.CHECKPOINT_FILE] if sequential else [run_dir / f"case_{i}.json" for i in ids[:4]]
+    log_path = tmp_path / "killed_run.log"
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen([sys.executable, *entry, *argv], cwd=tmp_path, stdout=log_file, stderr=log_file,
+                                   env={**os.environ, "KE_NO_DOWNLOAD": "1", "OMP_NUM_THREADS": "1"})
+        try:
+            wait_for(written, process, log_path)
+            process.send_signal(signal.SIGKILL)
+        finally:
+            process.kill()
+            process.wait()
+    assert cli.read_json(run_dir / "params.json")["status"] == "running"
+    assert len(list(run_dir.glob("case_*.json"))) < N_CASES  # the kill really interrupted the run
+
+    if not sequential:  # a half-done batch: one of batch 1's files broken, batch 0 intact
+        (run_dir / f"case_{ids[3]}.json").write_text('{"case_id": ')
+        batch0_stamps = [(run_dir / f"case_{i}.json").stat().st_mtime_ns for i in ids[:2]]
+    assert cli.main(argv + ["--continue_from_run=run_000"]) == 0
+
+    assert sorted(p.name for p in run_dir.glob("case_*.json")) == sorted(f"case_{i}.json" for i in ids)
+    assert not list(run_dir.glob(".*.tmp"))
+    params = cli.read_json(run_dir / "params.json")
+    assert params["status"] == "finished" and len(params["resumed_at"]) == 1
+    if not sequential:
+        assert [(run_dir / f"case_{i}.json").stat().st_mtime_ns for i in ids[:2]] == batch0_stamps
+    resumed, reference = read_cases(run_dir), read_cases(uninterrupted.run_dir)
+    for case_id in ids:  # the continued run ends where the uninterrupted one did
+        assert resumed[case_id]["batch"] == reference[case_id]["batch"]
+        for when in ("pre", "post"):
+            assert nlls(resumed[case_id][when]) == pytest.approx(nlls(reference[case_id][when]), rel=1e-4, abs=1e-6)
+
+
+# ---------------------------------------------------------------- refused input
+
+def test_resume_with_changed_settings_is_refused(ws, batched_run, tmp_path, capsys):
+    results_dir = batched_run.run_dir.parent.parent
+    run = f"--continue_from_run={batched_run.run_dir.name}"
+    before = (batched_run.run_dir / "params.json").read_bytes()
+    assert cli.main(argv_for(ws, results_dir, "--num_edits=3", run)) == 2
+    assert "num_edits" in capsys.readouterr().err
+    changed = write_hparams(tmp_path / "other.json", ws.corpus, v_lr=0.1)
+    assert cli.main(argv_for(ws, results_dir, run, hparams=changed)) == 2
+    assert "hparams" in capsys.readouterr().err
+    assert cli.main(argv_for(ws, results_dir, "--continue_from_run=run_999")) == 2
+    assert "run_999" in capsys.readouterr().err
+    assert (batched_run.run_dir / "params.json").read_bytes() == before
+
+
+def test_hparams_typo_gives_one_line_error_and_status_2(ws, tmp_path, capsys):
+    hparams = write_hparams(tmp_path / "typo.json", ws.corpus, v_num_grad_steps=None, v_num_grad_step=3)
+    assert cli.main(argv_for(ws, tmp_path / "results", hparams=hparams)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "v_num_grad_step" in err and "typo.json" in err
+    assert not (tmp_path / "results").exists()
