@@ -6,16 +6,15 @@ Group 0 is always ["{}"] (ROME's flat average puts all templates in one group th
 import hashlib
 import json
 import logging
-import os
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from util.generate import generate_texts
+from util.io import write_tensors_atomic
 from util.tokens import pad_batch, prompt_token_ids, subject_token_index, target_token_ids
 from util.tracing import add_at_positions, frozen, run_until, trace_modules
 
@@ -159,11 +158,8 @@ class TargetCache:
 
     def store(self, request, result):
         path, key = self._path_and_key(request)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"targets": result.targets.contiguous().cpu(), "initial": result.initial.contiguous().cpu()},
-                  str(tmp), metadata={"key": key, "info": json.dumps(result.info[0])})
-        os.replace(tmp, path)
+        write_tensors_atomic(path, {"targets": result.targets, "initial": result.initial},
+                             metadata={"key": key, "info": json.dumps(result.info[0])})
 
 
 def _optimise_targets(model, tok, target_module, requests, templates, hp) -> TargetResult:

@@ -17,21 +17,19 @@ Choices the references leave open, made explicit here:
 import hashlib
 import json
 import logging
-import os
 import random
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from util import globals as G
 from util.arch import get_module, is_conv1d
 from util.tracing import run_until, trace_modules
+from util.io import write_tensors_atomic
 
 log = logging.getLogger(__name__)
 
@@ -320,19 +318,8 @@ def read_cache(path: Path, key: dict, d_k: int) -> tuple[dict | None, str | None
 
 
 def write_cache(path: Path, key: dict, matrix: torch.Tensor, n_tokens: int, n_texts: int, corpus: str) -> None:
-    """Temporary file in the same folder, then os.replace: a killed run never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({"matrix": matrix.contiguous()}, tmp, metadata={
-            "key": json.dumps(key, sort_keys=True), "n_tokens": str(n_tokens), "n_texts": str(n_texts),
-            "corpus": corpus})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_tensors_atomic(path, {"matrix": matrix}, metadata={
+        "key": json.dumps(key, sort_keys=True), "n_tokens": str(n_tokens), "n_texts": str(n_texts), "corpus": corpus})
 
 
 # ---------------------------------------------------------------- entry point
@@ -343,14 +330,18 @@ def layer_second_moment(model, tok, layer_module: str, *, corpus: str, dynamic: 
                         dtype: str = "float32", seed: int = 0, device=None) -> SecondMoment:
     """C0 for the edited matrix `layer_module`, from the disk cache when a valid file exists.
 
-    dtype is the hparams' mom2_dtype: the dtype of the forward pass, so the model must be loaded in it.
+    dtype is the hparams' mom2_dtype. Keys are computed in the dtype the model is loaded in (an fp16 model
+    with the reference files' "float32" must still work) and accumulated in float64; the cache key records
+    the forward dtype actually used.
     """
     if dtype not in FORWARD_DTYPES:
         raise ValueError(f"mom2_dtype must be one of {sorted(FORWARD_DTYPES)}, got {dtype!r}")
     model_dtype = next(model.parameters()).dtype
     if model_dtype != FORWARD_DTYPES[dtype]:
-        raise ValueError(f"mom2_dtype is {dtype} but the model is loaded in {model_dtype}; "
-                         f"load the model in {dtype} or set mom2_dtype to match it")
+        forward_dtype = str(model_dtype).removeprefix("torch.")
+        log.info("mom2_dtype is %s but the model is loaded in %s: keys are computed in %s, accumulated in float64",
+                 dtype, forward_dtype, forward_dtype)
+        dtype = forward_dtype
     if model.training:
         raise ValueError("the model is in training mode (dropout would randomise the keys); call model.eval()")
     device = device if device is not None else next(model.parameters()).device

@@ -8,12 +8,11 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import urllib.request
 from pathlib import Path
 
 from util import globals as G
-from util.io import read_json
+from util.io import atomic_path, read_json
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +63,9 @@ def downloads_allowed() -> bool:
 
 def download_atomic(url: str, path: Path) -> None:
     """Stream `url` into a temporary file beside `path`, then rename it: never a half-written data file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
-            shutil.copyfileobj(response, out, length=1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path, suffix=".part") as tmp, open(tmp, "wb") as out, \
+            urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+        shutil.copyfileobj(response, out, length=1 << 20)
 
 
 def read_json_file(path: Path):

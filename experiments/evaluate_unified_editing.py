@@ -36,7 +36,7 @@ from experiments.metrics.counterfact import counterfact_case_metrics
 from experiments.metrics.generation import GenerationSettings
 from experiments.metrics.zsre import zsre_case_metrics
 from util import globals as G
-from util.arch import module_names, num_layers
+from util.arch import get_module, module_names, num_layers
 from util.io import new_run_dir, read_json, write_json_atomic, write_tensors_atomic
 from util.models import DTYPES, EMBEDDED_ALIAS, load_model, model_identity
 
@@ -125,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None,
                         help="torch device for the model (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
-                        help="dtype the model is loaded in; must match the hparams' mom2_dtype when statistics are "
-                             "used (default float32)")
+                        help="dtype the model is loaded in (default float32); statistics keys are computed in it "
+                             "and accumulated in float64")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the context templates and of the generation tests' sampling (default 0)")
     parser.add_argument("--data_dir", default=None,
@@ -150,8 +150,8 @@ def parse_args(argv: list) -> tuple[argparse.Namespace, bool]:
     default_run = not argv
     args = build_parser().parse_args(DEFAULT_RUN_ARGV if default_run else argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    args.results_dir = str(Path(args.results_dir) if args.results_dir else G.results_dir())
-    args.stats_dir = str(Path(args.stats_dir) if args.stats_dir else G.stats_dir())
+    args.results_dir = str(Path(args.results_dir or G.results_dir()).expanduser().resolve())
+    args.stats_dir = str(Path(args.stats_dir or G.stats_dir()).expanduser().resolve())
     if args.stats_corpus is not None and Path(args.stats_corpus).expanduser().exists():
         args.stats_corpus = str(Path(args.stats_corpus).expanduser().resolve())
     return args, default_run
@@ -172,7 +172,7 @@ def hparams_path(alg_name: str, fname: str) -> Path:
 
 def load_dataset(args, default_run: bool):
     """The records and the data dir they came from. The demo falls back to ../shared/data beside the repo."""
-    data_dir = Path(args.data_dir).expanduser() if args.data_dir else G.data_dir()
+    data_dir = Path(args.data_dir or G.data_dir()).expanduser().resolve()
     try:
         return load_records(args.ds_name, data_dir, args.dataset_size_limit), data_dir
     except DatasetNotFound:
@@ -202,7 +202,12 @@ def check_model_fits(model, hp, path: Path, args) -> None:
         raise UsageError(f"{path}: layers {hp.layers} / v_loss_layer {hp.v_loss_layer} do not fit {args.model_name}, "
                          f"which has {n_layers} layers (v_loss_layer must be {n_layers - 1}); is this hparams file "
                          f"for another model?")
-    module_names(model, hp.module_overrides())  # raises when the module templates do not fit the architecture
+    try:
+        names = module_names(model, hp.module_overrides())
+        for layer in hp.layers:
+            get_module(model, names.rewrite_module_tmp.format(layer))
+    except ValueError as error:  # an architecture without a table entry, or module names of another model
+        raise UsageError(f"{path}: {error}") from None
 
 
 def generation_plan(args, records, data_dir: Path) -> tuple:
@@ -223,7 +228,8 @@ def generation_plan(args, records, data_dir: Path) -> tuple:
         settings = GenerationSettings(snippets.by_relation, vectorizer, seed=args.seed)
     except DatasetNotFound as missing:
         info["reference_score_skipped"] = f"{missing.what} not found: {missing.failure}"
-        log.warning("consistency RS will be skipped: %s (fluency GE is still computed)", info["reference_score_skipped"])
+        log.warning("consistency RS will be skipped: %s (fluency GE is still computed)",
+                    info["reference_score_skipped"])
         settings = GenerationSettings(seed=args.seed)
     return settings, info
 
@@ -267,12 +273,19 @@ def check_resume(run_dir: Path, stored: dict, now: dict) -> None:
                          f"start a new run instead")
 
 
-def resume_dir(args) -> Path:
-    """The run directory named by --continue_from_run, with a readable params.json of the same algorithm."""
+def resumed_run(args) -> tuple[Path, dict]:
+    """The run directory named by --continue_from_run (under <results_dir>/<ALG>/) and its params.json."""
     run_dir = Path(args.results_dir) / args.alg_name / args.continue_from_run
-    if not (run_dir / PARAMS_FILE).is_file():
-        raise UsageError(f"--continue_from_run {args.continue_from_run}: {run_dir / PARAMS_FILE} does not exist")
-    return run_dir
+    try:
+        stored = read_json(run_dir / PARAMS_FILE)
+    except FileNotFoundError:
+        raise UsageError(f"--continue_from_run {args.continue_from_run}: {run_dir / PARAMS_FILE} "
+                         f"does not exist") from None
+    except ValueError as error:
+        raise UsageError(f"{run_dir / PARAMS_FILE} is not valid JSON ({error}); cannot continue that run") from None
+    if not isinstance(stored, dict) or not isinstance(stored.get("args"), dict):
+        raise UsageError(f"{run_dir / PARAMS_FILE} is not a params file of this CLI (no 'args'); cannot continue it")
+    return run_dir, stored
 
 
 # ---------------------------------------------------------------- case files and checkpoint
@@ -351,12 +364,13 @@ def case_metrics(session: Session, index: int) -> tuple[dict, str]:
     if args.ds_name == "zsre":
         return zsre_case_metrics(session.model, session.tok, record), "skipped: zsRE has no generation tests"
     if session.generation is None:
-        return counterfact_case_metrics(session.model, session.tok, record), f"skipped: {session.generation_info['reason']}"
-    if index % args.generation_test_interval != 0:
-        return (counterfact_case_metrics(session.model, session.tok, record),
-                f"skipped: case {index} of the dataset is not a multiple of --generation_test_interval "
-                f"{args.generation_test_interval}")
-    return counterfact_case_metrics(session.model, session.tok, record, generation=session.generation), "run"
+        skipped = session.generation_info["reason"]
+    elif index % args.generation_test_interval != 0:
+        skipped = (f"case {index} of the dataset is not a multiple of --generation_test_interval "
+                   f"{args.generation_test_interval}")
+    else:
+        return counterfact_case_metrics(session.model, session.tok, record, generation=session.generation), "run"
+    return counterfact_case_metrics(session.model, session.tok, record), f"skipped: {skipped}"
 
 
 def case_edit_reports(report: dict, n_requests: int) -> list[dict]:
@@ -373,11 +387,11 @@ def case_edit_reports(report: dict, n_requests: int) -> list[dict]:
 def edit_batch(session: Session, requests: list) -> tuple[float, dict]:
     """Write the requests into the model; (seconds, the algorithm's report)."""
     args = session.args
-    extra = {"target_cache_dir": G.kv_dir()} if args.use_cache and not args.sequential else {}
+    target_cache_dir = G.kv_dir() if args.use_cache and not args.sequential else None
     report = {}
     started = time.perf_counter()
     session.apply(session.model, session.tok, requests, session.hp, copy=False, return_orig_weights=False,
-                  report=report, seed=args.seed, stats_dir=args.stats_dir, **extra)
+                  report=report, seed=args.seed, stats_dir=args.stats_dir, target_cache_dir=target_cache_dir)
     return time.perf_counter() - started, report
 
 
@@ -394,7 +408,8 @@ def run_batch(session: Session, batch: int, indices: list) -> None:
     requests = [{"case_id": record["case_id"], **record["requested_rewrite"]} for record in records]
     edit_time, report = edit_batch(session, requests)
     if not session.params["statistics"]:
-        session.params["statistics"] = {layer["module"]: layer["statistics"] for layer in report["batches"][0]["layers"]}
+        first_edit = report["batches"][0]
+        session.params["statistics"] = {layer["module"]: layer["statistics"] for layer in first_edit["layers"]}
         write_json_atomic(run_dir / PARAMS_FILE, session.params)
     post = [case_metrics(session, i)[0] for i in indices]
     if saved is not None:
@@ -412,22 +427,20 @@ def run_batch(session: Session, batch: int, indices: list) -> None:
 def prepare(args, default_run: bool) -> Session:
     """Everything checked and loaded before the first edit; UsageError (and other ValueError/OSError) on bad input."""
     if args.continue_from_run is not None:
-        stored = read_json(resume_dir(args) / PARAMS_FILE)
+        run_dir, stored = resumed_run(args)
     path = hparams_path(args.alg_name, args.hparams_fname)
     hparams_class, apply = get_algorithm(args.alg_name)
     hp = hparams_class.from_json(path)
     hparams_from_file = hp.to_dict()
     records, data_dir = load_dataset(args, default_run)
     args.data_dir = str(data_dir)
+    log.info("data dir: %s", data_dir)
     if args.stats_corpus is None and default_run:
         args.stats_corpus = demo_stats_corpus(hp.mom2_dataset, [data_dir, G.data_dir()])
     if args.stats_corpus is not None:
         hp.mom2_dataset = args.stats_corpus
-    if hp.mom2_adjustment and hp.mom2_dtype != args.dtype:
-        raise UsageError(f"{path}: mom2_dtype is {hp.mom2_dtype} but --dtype is {args.dtype}; the statistics are "
-                         f"computed with the model in mom2_dtype, so the two must match")
     if args.continue_from_run is not None:  # fail before the (slow) model load where possible
-        check_resume(resume_dir(args), {**stored["args"], "hparams": stored["hparams"]},
+        check_resume(run_dir, {**stored["args"], "hparams": stored.get("hparams")},
                      {**{key: vars(args)[key] for key in RESULT_ARGS}, "hparams": hparams_from_file})
 
     log.info("dataset %s: %d cases from %s", args.ds_name, len(records), records.source)
@@ -455,7 +468,6 @@ def prepare(args, default_run: bool) -> Session:
     if args.continue_from_run is None:
         run_dir = new_run_dir(Path(args.results_dir) / args.alg_name)
     else:
-        run_dir = resume_dir(args)
         check_resume(run_dir, stored, {key: params[key] for key in RESULT_PARAMS})
         params = {**stored, "status": "running", "resumed_at": stored.get("resumed_at", []) + [utc_now()]}
         for leftover in run_dir.glob(".*.tmp"):  # half-written files of a killed run (never read)
@@ -494,13 +506,14 @@ def evaluate(session: Session) -> None:
         for batch, indices in enumerate(batches):
             case_ids = [session.records[i]["case_id"] for i in indices]
             if batch < first or (not args.sequential and batch_is_complete(run_dir, batch, case_ids)):
-                log.info("batch %d (cases %s) already done; skipped", batch, case_ids)
+                log.info("batch %d of %d (cases %s): already done, skipped", batch, len(batches), case_ids)
             else:
                 run_batch(session, batch, indices)
                 if args.sequential:
                     save_checkpoint(run_dir, session.model, session.hp, batch)
-                log.info("batch %d/%d (cases %s) done", batch + 1, len(batches), case_ids)
+                log.info("batch %d of %d (cases %s): done", batch, len(batches), case_ids)
             progress.update(len(indices))
+    # total_seconds: this invocation (a continued run's earlier, killed sessions left no end time).
     session.params.update(status="finished", finished_at=utc_now(), total_seconds=time.time() - started)
     write_json_atomic(run_dir / PARAMS_FILE, session.params)
 

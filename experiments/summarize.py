@@ -12,11 +12,9 @@ Usage: python experiments/summarize.py RUN [RUN ...] [--csv F] [--json F] [--plo
 import argparse
 import csv
 import json
-import os
 import re
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -24,7 +22,7 @@ from matplotlib.figure import Figure
 
 from experiments.metrics.counterfact import counterfact_case_scores, harmonic_mean
 from experiments.metrics.zsre import zsre_case_scores
-from util.io import write_json_atomic
+from util.io import atomic_path, write_json_atomic
 
 SCALE = 100
 METRICS = ("ES", "PS", "NS", "EM", "PM", "NM", "GE", "RS")
@@ -258,19 +256,10 @@ def table_columns(rows: list[dict]) -> list[str]:
 
 def write_csv(rows: list[dict], path) -> None:
     """One line per run; written to a temporary file and renamed, so a reader never sees half a table."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=table_columns(rows), restval="")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=table_columns(rows), restval="")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def line_label(summary: dict, several_models: bool, several_datasets: bool) -> str:

@@ -45,7 +45,8 @@ def make_record(case_id, subject, prompt, true, new):
     return {
         "case_id": case_id,
         "requested_rewrite": {"prompt": prompt, "relation_id": "P1", "subject": subject,
-                              "target_new": {"str": new, "id": f"Q{case_id}"}, "target_true": {"str": true, "id": "Q0"}},
+                              "target_new": {"str": new, "id": f"Q{case_id}"},
+                              "target_true": {"str": true, "id": "Q0"}},
         "paraphrase_prompts": [f"Some words. {prompt.format(subject)}", f"In short, {prompt.format(subject)}"],
         "neighborhood_prompts": [prompt.format("Someone else"), prompt.format("Another person")],
         "attribute_prompts": [prompt.format("A third person")],
@@ -54,8 +55,8 @@ def make_record(case_id, subject, prompt, true, new):
 
 
 def write_hparams(path: Path, corpus: Path, **changes) -> Path:
-    hparams = {"layers": [EDIT_LAYER], "v_num_grad_steps": 3, "v_lr": 0.5, "v_loss_layer": N_LAYER - 1,
-               "v_weight_decay": 0.5, "clamp_norm_factor": 4.0, "kl_factor": 0.0625,
+    hparams = {"layers": [EDIT_LAYER], "v_num_grad_steps": 4, "v_lr": 0.5, "v_loss_layer": N_LAYER - 1,
+               "v_weight_decay": 1e-3, "clamp_norm_factor": 4.0, "kl_factor": 0.0625,
                "context_template_length_params": [[3, 2]], "mom2_dataset": str(corpus), "mom2_n_samples": 10,
                "mom2_dtype": "float32", "mom2_update_weight": 100.0, "dynamic": True,
                "dynamic_multiplier": MULTIPLIER, "emmet_lambda": 0.1}
@@ -76,10 +77,20 @@ def ws(tmp_path_factory, embedded_tokenizer):
     records = [make_record(10 + i, *fact) for i, fact in enumerate(FACTS)]
     (data_dir / "counterfact.json").write_text(json.dumps(records))
     corpus = root / "corpus.txt"
-    corpus.write_text("\n\n".join(f"Paragraph {i}: the river flows past the old mill, and the town's people meet "
-                                  f"there every morning to trade bread, fish and news of the valley." for i in range(20)))
+    corpus.write_text("\n\n".join(f"Paragraph {i}: the river flows past the old mill, and the town's people "
+                                  f"meet there every morning to trade bread, fish and news." for i in range(20)))
     return SimpleNamespace(root=root, model_dir=model_dir, data_dir=data_dir, records=records, corpus=corpus,
                            hparams=write_hparams(root / "emmet.json", corpus), stats_dir=root / "stats")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices gain nothing from threads, and on a busy 2-core machine thread contention makes each
+    small op ~100x slower; the previous setting is restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(autouse=True)
@@ -94,8 +105,8 @@ def argv_for(ws, results_dir, *extra, hparams=None, alg="EMMET"):
             f"--stats_dir={ws.stats_dir}", "--device=cpu", *extra]
 
 
-def run_capturing_model(ws, argv):
-    """main(argv) in-process; (exit status, the run dir, the model object as the CLI left it)."""
+def run_capturing_model(ws, results_dir, *extra, alg="EMMET", **options):
+    """main() in-process; (exit status, the run dir, the model object as the CLI left it)."""
     loaded = []
 
     def capture(*args, **kwargs):
@@ -105,22 +116,21 @@ def run_capturing_model(ws, argv):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("KE_NO_DOWNLOAD", "1")
         patch.setattr(cli, "load_model", capture)
-        status = cli.main(argv)
-    results_dir = Path(next(a for a in argv if a.startswith("--results_dir=")).split("=", 1)[1])
-    runs = sorted((results_dir / "EMMET").glob("run_*")) + sorted((results_dir / "ROME").glob("run_*"))
+        status = cli.main(argv_for(ws, results_dir, *extra, alg=alg, **options))
+    runs = sorted((results_dir / alg).glob("run_*"))
     return status, runs[-1] if runs else None, loaded[0][0] if loaded else None
 
 
 @pytest.fixture(scope="module")
 def batched_run(ws):
-    status, run_dir, model = run_capturing_model(ws, argv_for(ws, ws.root / "results_batched", "--sequential=False"))
+    status, run_dir, model = run_capturing_model(ws, ws.root / "results_batched", "--sequential=False")
     assert status == 0
     return SimpleNamespace(run_dir=run_dir, model=model)
 
 
 @pytest.fixture(scope="module")
 def sequential_run(ws):
-    status, run_dir, model = run_capturing_model(ws, argv_for(ws, ws.root / "results_sequential", "--sequential"))
+    status, run_dir, model = run_capturing_model(ws, ws.root / "results_sequential", "--sequential")
     assert status == 0
     return SimpleNamespace(run_dir=run_dir, model=model)
 
@@ -129,8 +139,9 @@ def read_cases(run_dir: Path) -> dict:
     return {case["case_id"]: case for case in map(cli.read_json, sorted(run_dir.glob("case_*.json")))}
 
 
-def nlls(metrics: dict) -> dict:
-    return {group: metrics[group] for group in NLL_GROUPS}
+def nlls(metrics: dict) -> list:
+    """Every target NLL of a case's metrics, flat (pytest.approx compares flat lists)."""
+    return [pair[target] for group in NLL_GROUPS for pair in metrics[group] for target in ("target_new", "target_true")]
 
 
 def unedited_metrics(ws, case_index: int) -> dict:
@@ -175,8 +186,7 @@ def test_batched_run_writes_the_results_format(ws, batched_run):
         assert case["requested_rewrite"] == record["requested_rewrite"]
         assert case["edit"]["layers"][0]["module"] == REWRITE_MODULE and "steps" in case["edit"]["target_optimisation"]
         assert ("generation" in case["pre"]) == ("generation" in case["post"]) == (index % 2 == 0)
-        pre_new, post_new = (case[when]["rewrite_prompts_nll"][0]["target_new"] for when in ("pre", "post"))
-        assert post_new < pre_new  # the edit was in the model when "post" was measured
+        assert nlls(case["post"]) != nlls(case["pre"])  # the edit was in the model when "post" was measured
 
 
 def test_batched_mode_restores_the_weights_after_each_batch(ws, batched_run):
@@ -206,9 +216,8 @@ def test_sequential_mode_keeps_every_edit(ws, sequential_run):
 
 def test_rome_reports_each_cases_own_edit_and_negative_interval_means_never(ws, tmp_path):
     hparams = write_hparams(tmp_path / "rome.json", ws.corpus, emmet_lambda=None)
-    argv = argv_for(ws, tmp_path / "results", "--dataset_size_limit=2", "--generation_test_interval=-1",
-                    hparams=hparams, alg="ROME")
-    status, run_dir, _ = run_capturing_model(ws, argv)
+    status, run_dir, _ = run_capturing_model(ws, tmp_path / "results", "--dataset_size_limit=2",
+                                             "--generation_test_interval=-1", hparams=hparams, alg="ROME")
     assert status == 0
     cases = list(read_cases(run_dir).values())
     assert len(cases) == 2 and cases[0]["batch_case_ids"] == cases[1]["batch_case_ids"]
@@ -216,6 +225,22 @@ def test_rome_reports_each_cases_own_edit_and_negative_interval_means_never(ws, 
     assert cases[0]["edit"]["layers"][0]["solver"] != cases[1]["edit"]["layers"][0]["solver"]
     assert all("generation" not in case["pre"] and case["generation_test"].startswith("skipped") for case in cases)
     assert cli.read_json(run_dir / "params.json")["generation"]["run"] is False
+
+
+def test_use_cache_reuses_targets_in_batched_mode_only(ws, tmp_path, monkeypatch):
+    monkeypatch.setenv("KE_KV_DIR", str(tmp_path / "kvs"))
+    two_cases = ("--dataset_size_limit=2", "--skip_generation_tests", "--use_cache")
+    assert cli.main(argv_for(ws, tmp_path / "sequential", *two_cases, "--sequential")) == 0
+    assert not (tmp_path / "kvs").exists()  # ignored: sequential targets depend on the earlier edits
+    runs = []
+    for name in ("first", "second"):
+        assert cli.main(argv_for(ws, tmp_path / name, *two_cases)) == 0
+        runs.append(read_cases(tmp_path / name / "EMMET" / "run_000"))
+        assert len(list((tmp_path / "kvs").rglob("*.safetensors"))) == 2  # one per request, reused the 2nd time
+    for case_id, case in runs[0].items():
+        assert "cache" not in case["edit"]["target_optimisation"]
+        assert runs[1][case_id]["edit"]["target_optimisation"]["cache"] == "hit"
+        assert nlls(runs[1][case_id]["post"]) == pytest.approx(nlls(case["post"]))
 
 
 # ---------------------------------------------------------------- resume after a real kill
@@ -236,7 +261,7 @@ def test_killed_run_continues_with_every_case_exactly_once(ws, tmp_path, mode, r
     uninterrupted = request.getfixturevalue(f"{mode}_run")
     sequential = mode == "sequential"
     argv = argv_for(ws, tmp_path / "results", f"--sequential={sequential}")
-    # Both ways of starting the CLI; one thread keeps the tiny model fast on a busy machine.
+    # Both ways of starting the CLI; one thread, as in this process (see one_thread).
     entry = ["-m", "experiments.evaluate_unified_editing"] if sequential else [
         str(REPO_ROOT / "experiments" / "evaluate_unified_editing.py")]
     run_dir = tmp_path / "results" / "EMMET" / "run_000"

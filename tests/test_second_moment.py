@@ -209,8 +209,18 @@ def test_too_small_corpus_is_a_clear_error(embedded_tokenizer, corpus_file, tmp_
         second_moment(model, tok, layer_module, tmp_path / "stats", corpus_file, dynamic_multiplier=1000)
     with pytest.raises(ValueError, match=r"only 8 non-empty articles but mom2_n_samples is 100"):
         second_moment(model, tok, layer_module, tmp_path / "stats", corpus_file, dynamic=False, n_samples=100)
-    with pytest.raises(ValueError, match="mom2_dtype is float32 but the model is loaded in torch.float64"):
-        second_moment(model, tok, layer_module, tmp_path / "stats", corpus_file, dtype="float32")
+
+
+
+def test_mom2_dtype_follows_the_loaded_model(embedded_tokenizer, corpus_file, tmp_path):
+    """Reference hparams say "float32" for fp16 models too: keys run in the model's dtype, recorded in the key."""
+    tok = embedded_tokenizer
+    model = tiny("llama", tok)  # loaded in float64
+    layer_module = EDITED["llama"].format(1)
+    as_float32 = second_moment(model, tok, layer_module, tmp_path / "stats", corpus_file, dtype="float32")
+    as_float64 = second_moment(model, tok, layer_module, tmp_path / "stats", corpus_file, dtype="float64")
+    assert as_float64.cache == "hit" and as_float32.cache_path == as_float64.cache_path
+    assert "_float64_" in as_float32.cache_path.name
 
 
 def test_hub_fallback_records_source_and_hits_offline(embedded_tokenizer, tmp_path, monkeypatch):

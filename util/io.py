@@ -3,43 +3,41 @@ import json
 import os
 import re
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from safetensors.torch import save_file
 
 
-def write_json_atomic(path, obj, indent: int = 1) -> None:
-    """Write JSON to a temporary file in the same directory, fsync it, then rename over `path`."""
+@contextmanager
+def atomic_path(path, suffix: str = ".tmp"):
+    """Yield a temporary path beside `path`; once the block has written it, fsync it and rename it over `path`.
+
+    A killed run leaves at most a hidden `.<name>.*<suffix>` file, never a half-written `path`.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=indent)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_tensors_atomic(path, tensors: dict, metadata: dict | None = None) -> None:
-    """Save tensors (moved to CPU) as safetensors like write_json_atomic: temporary file, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     try:
-        save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, tmp, metadata=metadata)
+        yield Path(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
+
+
+def write_json_atomic(path, obj, indent: int = 1) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=indent))
+
+
+def write_tensors_atomic(path, tensors: dict, metadata: dict | None = None) -> None:
+    """Save tensors (moved to CPU) as safetensors, atomically."""
+    with atomic_path(path) as tmp:
+        save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def read_json(path):

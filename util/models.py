@@ -99,17 +99,18 @@ def model_identity(model) -> tuple:
     The embedded model is named by its alias and the GGUF's sha256; hub models by their commit hash;
     other local directories by the size and modification time of their weight files.
     """
-    path = Path(model.config.name_or_path)
-    if (path / "SOURCE_SHA256").is_file():
+    name = str(model.config.name_or_path or "")
+    path = Path(name) if name else None
+    if path and (path / "SOURCE_SHA256").is_file():
         return EMBEDDED_ALIAS, (path / "SOURCE_SHA256").read_text().strip()
     commit = getattr(model.config, "_commit_hash", None)
     if commit:
-        return str(model.config.name_or_path), commit
-    if path.is_dir():
-        weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
+        return name, commit
+    weights = (sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))) if path and path.is_dir() else []
+    if weights:
         stamp = ",".join(f"{w.name}:{w.stat().st_size}:{int(w.stat().st_mtime)}" for w in weights)
         return str(path.resolve()), "local:" + hashlib.sha256(stamp.encode()).hexdigest()[:16]
-    return str(model.config.name_or_path) or type(model).__name__, "weights:" + _weights_fingerprint(model)
+    return name or type(model).__name__, "weights:" + _weights_fingerprint(model)
 
 
 def _weights_fingerprint(model) -> str:

@@ -6,6 +6,8 @@ FACT_TOKENS = ("subject_last", "subject_first", "subject_first_after_last", "las
 
 def target_token_ids(tok, target: str) -> list:
     """Tokens of " " + target without special tokens (a leading BOS or a lone SentencePiece "▁" is dropped)."""
+    if not target.strip():
+        raise ValueError(f"target {target!r} is empty")
     ids = tok(" " + target.strip(), add_special_tokens=False)["input_ids"]
     if ids and tok.bos_token_id is not None and ids[0] == tok.bos_token_id:
         ids = ids[1:]
