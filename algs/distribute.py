@@ -62,6 +62,10 @@ def second_moment_for(model, tok, hp, rewrite_module: str, stats_dir=None):
     )
 
 
+def _key_dim(model, rewrite_module: str) -> int:
+    return weight_as_out_in(get_module(model, rewrite_module)).shape[1]
+
+
 def _second_moment(cache, model, tok, hp, rewrite_module, d_k, stats_dir):
     """C0 from memory, else from second_moment (disk cache or computed); identity when mom2_adjustment is off."""
     key = (rewrite_module, hp.mom2_adjustment, hp.mom2_dataset, hp.dynamic, hp.dynamic_multiplier,
@@ -73,6 +77,21 @@ def _second_moment(cache, model, tok, hp, rewrite_module, d_k, stats_dir):
             cache.moments[key] = SecondMoment(torch.eye(d_k, dtype=torch.float64), 0, 0, "none (identity)",
                                               "not used", None)
     return cache.moments[key]
+
+
+def prepare_unedited(model, tok, hp, seed: int = 0, stats_dir=None) -> None:
+    """Make now, on the model as it is, what edits take from the unedited model: context templates and C0.
+
+    Edits make them on first use; a run that loads edited weights before its first edit (a resumed
+    sequential run) calls this first so that it continues exactly as the uninterrupted run would.
+    """
+    for flat in (False, True):
+        keyvals.context_templates(model, tok, hp.context_template_length_params, seed, flat=flat)
+    names = module_names(model, hp.module_overrides())
+    cache = _CACHES.setdefault(model, _LayerCache())
+    for layer in hp.layers:
+        rewrite_module = names.rewrite_module_tmp.format(layer)
+        _second_moment(cache, model, tok, hp, rewrite_module, _key_dim(model, rewrite_module), stats_dir)
 
 
 def edit_layers(model, tok, requests, hp, objective: Objective, seed: int = 0, stats_dir=None,
@@ -94,6 +113,10 @@ def edit_layers(model, tok, requests, hp, objective: Objective, seed: int = 0, s
     report = {"objective": objective.name, "target_module": target_module, "batch_size": len(requests),
               "target_optimisation": targets.info, "layers": []}
 
+    # C0 of every edited layer before any layer changes: the statistics describe the unedited model.
+    moments = {layer: _second_moment(cache, model, tok, hp, names.rewrite_module_tmp.format(layer),
+                                     _key_dim(model, names.rewrite_module_tmp.format(layer)), stats_dir)
+               for layer in hp.layers}
     for i, layer in enumerate(hp.layers):
         rewrite_module = names.rewrite_module_tmp.format(layer)
         module = get_module(model, rewrite_module)
@@ -106,7 +129,7 @@ def edit_layers(model, tok, requests, hp, objective: Objective, seed: int = 0, s
             current = keyvals.module_output_at_subject(model, tok, target_module, requests, hp.fact_token)
             residual = (targets.targets - current) / (len(hp.layers) - i)
 
-        moment = _second_moment(cache, model, tok, hp, rewrite_module, keys.averaged.shape[1], stats_dir)
+        moment = moments[layer]
         factor = cache.factors.get(rewrite_module, moment.matrix, objective.solver.mom2_update_weight,
                                    objective.solver.update_norm_lambda)
         delta, diagnostics = solve_update(residual.T, keys.averaged.T, factor, objective.solver.rho,

@@ -28,8 +28,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from algs import ALGORITHMS, get_algorithm, keyvals
-from algs.distribute import orig_weights, restore_weights, second_moment_for
+from algs import ALGORITHMS, get_algorithm
+from algs.distribute import orig_weights, prepare_unedited, restore_weights
 from algs.second_moment import HUB_CORPORA
 from dsets import DATASETS, AttributeSnippets, DatasetNotFound, get_tfidf_vectorizer, load_records
 from experiments.metrics.counterfact import counterfact_case_metrics
@@ -330,18 +330,6 @@ def load_checkpoint(run_dir: Path, model, hp) -> int:
     return last_batch
 
 
-def warm_unedited_caches(model, tok, hp, seed: int, stats_dir: str) -> None:
-    """Edits use context templates and C0 of the UNEDITED model, made on first use and cached (templates in
-    memory, C0 on disk). A resumed sequential run makes them before its edited weights are loaded, as the
-    uninterrupted run did, so that it continues exactly."""
-    for flat in (False, True):
-        keyvals.context_templates(model, tok, hp.context_template_length_params, seed, flat=flat)
-    if hp.mom2_adjustment:
-        names = module_names(model, hp.module_overrides())
-        for layer in hp.layers:
-            second_moment_for(model, tok, hp, names.rewrite_module_tmp.format(layer), stats_dir)
-
-
 # ---------------------------------------------------------------- one batch
 
 @dataclass
@@ -482,7 +470,7 @@ def first_batch_to_run(session: Session, batches: list) -> int:
     if not session.args.sequential:
         return 0
     if session.args.continue_from_run is not None:
-        warm_unedited_caches(session.model, session.tok, session.hp, session.args.seed, session.args.stats_dir)
+        prepare_unedited(session.model, session.tok, session.hp, session.args.seed, session.args.stats_dir)
     last = load_checkpoint(session.run_dir, session.model, session.hp)
     if last >= len(batches):
         raise UsageError(f"{session.run_dir / CHECKPOINT_FILE} is past the last batch ({last} >= {len(batches)})")

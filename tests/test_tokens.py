@@ -86,6 +86,16 @@ def test_subject_last_token_holds_the_subject_end(tok):
     assert not decoded(tok, ids, index).endswith("Darrieux")
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama2", "embedded"])
+def test_subject_first_is_not_a_lone_space_token(name, request):
+    tok = request.getfixturevalue(f"{name}_tokenizer" if name != "embedded" else "embedded_tokenizer")
+    template, subject = "The {} was held in", "2010 World Cup"
+    ids = tok(template.format(subject))["input_ids"]
+    index = subject_token_index(tok, template, subject, "subject_first")
+    assert index == expected_index(tok, template, subject, "subject_first")
+    assert decoded(tok, ids[index:], 1).strip().startswith("2")
+
+
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 @pytest.mark.parametrize("fact_token", ["subject_first", "subject_last", "last"])
 def test_padded_index_points_at_the_same_token(tok, padding_side, fact_token):
@@ -144,5 +154,7 @@ def test_bad_arguments_are_rejected(embedded_tokenizer):
 
 
 def test_empty_target_is_rejected(tok):
-    with pytest.raises(ValueError, match="target"):
-        target_token_ids(tok, "   ")
+    """Not silently the lone space token (' ' -> ['Ġ'] / ['▁'])."""
+    for target in ("", "   "):
+        with pytest.raises(ValueError, match="empty"):
+            target_token_ids(tok, target)

@@ -44,6 +44,9 @@ def subject_token_index(tok, template: str, subject: str, fact_token: str = "sub
     if full_ids[:n_until_subject_end] != subject_ids:
         n_prefix, n_until_subject_end = _subject_span_from_offsets(tok, prefix, subject, suffix)
     if fact_token == "subject_first":
+        # Before some subjects (digits, in SentencePiece and byte-level BPE alike) the space is a token of its own.
+        while n_prefix < n_until_subject_end - 1 and not tok.decode([full_ids[n_prefix]]).strip():
+            n_prefix += 1
         return n_prefix
     if fact_token == "subject_last":
         return n_until_subject_end - 1

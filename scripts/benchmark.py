@@ -1,0 +1,257 @@
+"""Measure what the framework's shortcuts cost and save, each against a baseline measured in the same run.
+
+Sections (pick with --only):
+  stats    FastMEMIT's capped C0 (dynamic_multiplier × d_k tokens) vs a larger whole-article sample:
+           time, tokens, ‖C0_cap − C0_full‖/‖C0_full‖, and the same for the EMMET (rho = 0) edit Δ solved
+           from each C0 for real keys and seeded random residuals; also computing vs reading the disk cache.
+  solver   pm_solver.solve_update on a random SPD C0: the B×B form vs the d_k×d_k form (least squares,
+           rho = 1), and B×B with the cached Cholesky factor vs a fresh d_k×d_k solve per batch as the
+           reference code does it; with the largest relative difference between the Δs.
+  targets  keyvals.compute_targets for 4 CounterFact requests, optimised together vs one at a time.
+
+Every figure is a measurement of this run on this machine (seconds are shown for context only);
+nothing is asserted. Times are the best of --repeats runs, fewer when one run already takes long.
+
+Example: python scripts/benchmark.py --only solver --dks 1024 4096 --threads 2
+"""
+import argparse
+import dataclasses
+import tempfile
+import time
+
+import torch
+
+from algs.hparams import EditHparams
+from algs.keyvals import compute_keys, compute_targets, context_templates
+from algs.pm_solver import FactorCache, PreservationFactor, solve_update
+from algs.second_moment import (corpus_sources, default_max_length, key_dim, layer_second_moment, load_articles,
+                                sample_token_ids, HUB_POOL_ARTICLES)
+from util.arch import get_module, module_names, num_layers, weight_as_out_in
+from util.models import load_model, model_identity
+
+SECTIONS = ("stats", "solver", "targets")
+# A timed call is repeated (up to --repeats) only while the runs so far took less than this in total.
+REPEAT_BUDGET_S = 1.0
+# Real CounterFact cases (ROME schema: `prompt` holds "{}" for the subject); case ids 0, 13, 18, 70.
+REQUESTS = [
+    {"case_id": 0, "prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux",
+     "target_new": {"str": "English"}},
+    {"case_id": 13, "prompt": "{}, developed by", "subject": "Ferrari F40", "target_new": {"str": "Microsoft"}},
+    {"case_id": 18, "prompt": "{}, created by", "subject": "Porsche 911", "target_new": {"str": "Honda"}},
+    {"case_id": 70, "prompt": "The twin city of {} is", "subject": "Beirut", "target_new": {"str": "Florence"}},
+]
+TEMPLATE_PARAMS = [[10, 5]]
+# Target-optimisation hparams of hparams/EMMET/smollm2-135m.json (the step count comes from --steps).
+TARGET_HPARAMS = {"v_lr": 0.5, "v_weight_decay": 1e-3, "clamp_norm_factor": 4.0, "kl_factor": 0.0625,
+                  "fact_token": "subject_last"}
+SOLVER_D_V = 1024  # rows of the random residuals in the solver section
+SOLVER_C0_RANK = 256  # random C0 = A Aᵀ / rank + C0_FLOOR · I: SPD, with a spread-out spectrum
+C0_FLOOR = 0.1
+
+
+def parse_sections(text: str) -> list:
+    sections = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown or not sections:
+        raise argparse.ArgumentTypeError(f"sections must be a comma-separated subset of {','.join(SECTIONS)}, "
+                                         f"got {text!r}")
+    return sections
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", type=parse_sections, default=list(SECTIONS),
+                        help=f"comma-separated sections to run (default: {','.join(SECTIONS)})")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: the machine is shared)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help=f"best of this many runs per timing, fewer once the runs took {REPEAT_BUDGET_S} s "
+                             "(default 3)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw and sample (default 0)")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="model for the stats and targets sections (default: the embedded smollm2-135m)")
+    parser.add_argument("--layer", type=int, default=4, help="edited layer (default 4)")
+    parser.add_argument("--corpus", default="/work/shared/data/wikitext-2",
+                        help="stats: corpus for C0, a local text file / directory of .txt/.raw files or a hub "
+                             "corpus name of algs.second_moment (default: /work/shared/data/wikitext-2)")
+    parser.add_argument("--multipliers", type=float, nargs="+", default=[2.0, 10.0],
+                        help="stats: FastMEMIT dynamic_multiplier values to compare (default: 2 10)")
+    parser.add_argument("--full_factor", type=float, default=8.0,
+                        help="stats: the full baseline takes as many whole articles as fit in this many times "
+                             "the largest cap's tokens, or the whole corpus when it is smaller (default 8)")
+    parser.add_argument("--dks", type=int, nargs="+", default=[1024, 4096],
+                        help="solver: key dimensions d_k (default: 1024 4096)")
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 16, 256],
+                        help="solver: numbers of edits B per batch (default: 1 16 256)")
+    parser.add_argument("--steps", type=int, default=5, help="targets: v_num_grad_steps (default 5)")
+    args = parser.parse_args(argv)
+    for name in ("threads", "repeats", "steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.full_factor <= 1 or min(args.multipliers) <= 0:
+        parser.error("--full_factor must be > 1 and every --multipliers value > 0")
+    return args
+
+
+# ---------------------------------------------------------------- helpers
+
+def best_time(fn, repeats: int):
+    """(result of the last run, shortest wall time of up to `repeats` runs)."""
+    times = []
+    while len(times) < repeats and sum(times) < REPEAT_BUDGET_S:
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return result, min(times)
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ (Frobenius), in float64."""
+    a, b = a.to(torch.float64), b.to(torch.float64)
+    return (torch.linalg.norm(a - b) / torch.linalg.norm(b)).item()
+
+
+def print_table(title: str, header: list, rows: list) -> None:
+    cells = [header] + [[c if isinstance(c, str) else f"{c:.3g}" for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    print(f"\n== {title}")
+    for row in cells:
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+
+
+# ---------------------------------------------------------------- 1. FastMEMIT statistics
+
+def full_baseline_articles(tok, corpus: str, budget: int, seed: int, max_length: int) -> int:
+    """How many whole articles, in the seeded sample order, fit in `budget` tokens (all when the corpus is smaller)."""
+    _, articles = load_articles(corpus, corpus_sources(corpus, HUB_POOL_ARTICLES))
+    texts = sample_token_ids(tok, articles, seed=seed, max_length=max_length, n_articles=len(articles))
+    total = n_articles = 0
+    while n_articles < len(texts) and total + len(texts[n_articles]) <= budget:
+        total += len(texts[n_articles])
+        n_articles += 1
+    return n_articles
+
+
+def bench_stats(model, tok, args) -> None:
+    module_name = module_names(model).rewrite_module_tmp.format(args.layer)
+    module = get_module(model, module_name)
+    d_k, d_v = key_dim(module), weight_as_out_in(module).shape[0]
+    model_id, revision = model_identity(model)
+    budget = round(args.full_factor * max(round(m * d_k) for m in args.multipliers))
+    n_full = full_baseline_articles(tok, args.corpus, budget, args.seed, default_max_length(model))
+    configs = [(f"cap m={m:g}", True, m, 0) for m in args.multipliers]
+    configs.append((f"full {n_full} articles", False, 0.0, n_full))
+
+    templates = context_templates(model, tok, TEMPLATE_PARAMS, args.seed)
+    keys = compute_keys(model, tok, module_name, REQUESTS, templates, TARGET_HPARAMS["fact_token"]).averaged.T
+    residuals = torch.randn(d_v, keys.shape[1], dtype=torch.float64,
+                            generator=torch.Generator().manual_seed(args.seed))
+
+    measured = {}
+    with tempfile.TemporaryDirectory(prefix="benchmark_stats_") as stats_dir:
+        for label, dynamic, multiplier, n_samples in configs:
+            def second_moment():
+                return layer_second_moment(model, tok, module_name, corpus=args.corpus, dynamic=dynamic,
+                                           dynamic_multiplier=multiplier, n_samples=n_samples, model_id=model_id,
+                                           model_revision=revision, stats_dir=stats_dir, seed=args.seed)
+
+            moment, t_compute = best_time(second_moment, 1)  # once: a second run would read the cache
+            reread, t_read = best_time(second_moment, args.repeats)
+            delta, diagnostics = solve_update(residuals, keys, PreservationFactor(moment.matrix, 1.0), rho=0.0)
+            measured[label] = (moment, reread.cache, t_compute, t_read, delta, diagnostics)
+
+    full_moment, _, t_full, _, full_delta, _ = measured[configs[-1][0]]
+    rows = []
+    for label, (moment, reread_status, t_compute, t_read, delta, diagnostics) in measured.items():
+        note = "SVD fallback" if diagnostics["fallback"] else ""
+        rows.append([label, str(moment.n_tokens), str(moment.n_texts), t_compute, t_full / t_compute,
+                     rel_diff(moment.matrix, full_moment.matrix), rel_diff(delta, full_delta),
+                     diagnostics["cond_P"] or float("inf"), reread_status, t_compute / t_read, note])
+    print_table(f"stats: C0 of {module_name} (d_k {d_k}) from {full_moment.corpus}; EMMET rho=0 Δ for "
+                f"{len(REQUESTS)} real keys, seeded random residuals; baseline = the full sample",
+                ["sample", "tokens", "texts", "compute_s", "full/this time", "C0 rel diff", "Δ rel diff",
+                 "cond(C0)", "2nd call", "compute/cache-read time", ""], rows)
+
+
+# ---------------------------------------------------------------- 2. solver forms
+
+def fresh_dk_solve(C0: torch.Tensor, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """The reference code's MEMIT step: Δ = R Kᵀ (C0 + K Kᵀ)⁻¹ by one d_k×d_k solve, nothing kept."""
+    return torch.linalg.solve(C0 + K @ K.mT, K @ R.mT).mT
+
+
+def bench_solver(args) -> None:
+    generator = torch.Generator().manual_seed(args.seed)
+    rows = []
+    for d_k in args.dks:
+        A = torch.randn(d_k, SOLVER_C0_RANK, dtype=torch.float64, generator=generator)
+        C0 = A @ A.mT / SOLVER_C0_RANK + C0_FLOOR * torch.eye(d_k, dtype=torch.float64)
+        cache = FactorCache()
+        cache.get("bench", C0, 1.0)  # the per-layer factor, built once as in an editing run
+        for B in args.batch_sizes:
+            K = torch.randn(d_k, B, dtype=torch.float64, generator=generator)
+            R = torch.randn(SOLVER_D_V, B, dtype=torch.float64, generator=generator)
+            (bxb_cold, _), t_cold = best_time(
+                lambda: solve_update(R, K, PreservationFactor(C0, 1.0), 1.0, form="bxb"), args.repeats)
+            (bxb_cached, _), t_cached = best_time(
+                lambda: solve_update(R, K, cache.get("bench", C0, 1.0), 1.0, form="bxb"), args.repeats)
+            (dkxdk, _), t_dkxdk = best_time(
+                lambda: solve_update(R, K, cache.get("bench", C0, 1.0), 1.0, form="dkxdk"), args.repeats)
+            fresh, t_fresh = best_time(lambda: fresh_dk_solve(C0, K, R), args.repeats)
+            worst = max(rel_diff(d, bxb_cached) for d in (bxb_cold, dkxdk, fresh))
+            rows.append([str(d_k), str(B), t_cold * 1e3, t_cached * 1e3, t_dkxdk * 1e3, t_fresh * 1e3,
+                         t_dkxdk / t_cold, t_fresh / t_cached, worst])
+    print_table("solver: least squares (rho=1) on a random SPD C0; bxb_cold builds the Cholesky factor, "
+                "bxb_cached reuses it (FactorCache), fresh = torch.linalg.solve of the d_k×d_k system",
+                ["d_k", "B", "bxb_cold_ms", "bxb_cached_ms", "dkxdk_ms", "fresh_ms", "dkxdk/bxb_cold time",
+                 "fresh/bxb_cached time", "max Δ rel diff"], rows)
+
+
+# ---------------------------------------------------------------- 3. target batching
+
+def bench_targets(model, tok, args) -> None:
+    hp = EditHparams(layers=[args.layer], v_num_grad_steps=args.steps, v_loss_layer=num_layers(model) - 1,
+                     context_template_length_params=TEMPLATE_PARAMS, **TARGET_HPARAMS)
+    target_module = module_names(model).layer_module_tmp.format(args.layer)
+    templates = context_templates(model, tok, TEMPLATE_PARAMS, args.seed)
+
+    def targets(requests, max_requests, hparams=hp):
+        return compute_targets(model, tok, target_module, requests, templates, hparams, max_requests=max_requests)
+
+    targets(REQUESTS[:1], 1, dataclasses.replace(hp, v_num_grad_steps=1))  # warm-up, untimed
+    batched, t_batched = best_time(lambda: targets(REQUESTS, len(REQUESTS)), 1)
+    single, t_single = best_time(lambda: targets(REQUESTS, 1), 1)
+    delta_batched, delta_single = batched.targets - batched.initial, single.targets - single.initial
+    target_diff = max(rel_diff(a, b) for a, b in zip(batched.targets, single.targets))
+    delta_diff = max(rel_diff(a, b) for a, b in zip(delta_batched, delta_single))
+    rows = [[f"all {len(REQUESTS)} together", str(len(REQUESTS)), t_batched, 1.0, 0.0, 0.0],
+            ["one at a time", "1", t_single, t_single / t_batched, target_diff, delta_diff]]
+    print_table(f"targets: compute_targets at {target_module}, {len(REQUESTS)} CounterFact requests, "
+                f"{args.steps} steps, templates {TEMPLATE_PARAMS}; baseline = all together",
+                ["mode", "max_requests", "time_s", "time / baseline", "max target rel diff",
+                 "max (target-initial) rel diff"], rows)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    print(f"benchmark: sections {','.join(args.only)}; torch {torch.__version__}, {torch.get_num_threads()} "
+          f"thread(s); all figures measured in this run")
+    try:
+        model = tok = None
+        if {"stats", "targets"} & set(args.only):
+            model, tok = load_model(args.model)
+        if "stats" in args.only:
+            bench_stats(model, tok, args)
+        if "solver" in args.only:
+            bench_solver(args)
+        if "targets" in args.only:
+            bench_targets(model, tok, args)
+    except (ValueError, RuntimeError, OSError) as error:  # bad input: a message, not a traceback
+        raise SystemExit(f"benchmark: {error}")
+    print(f"\ntotal wall time {time.perf_counter() - started:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
