@@ -100,7 +100,7 @@ def apply_matrix(module, keys: torch.Tensor) -> torch.Tensor:
 class TargetResult:
     targets: torch.Tensor  # (B, d): h_init + delta at the target module, subject token of the bare prompt
     initial: torch.Tensor  # (B, d): h_init
-    info: list  # per request: losses and steps
+    info: list  # per request: final losses and the number of Adam updates
 
 
 def compute_targets(model, tok, target_module: str, requests, templates, hp, max_requests=16,
@@ -207,7 +207,7 @@ def _optimise_targets(model, tok, target_module, requests, templates, hp) -> Tar
     delta = torch.zeros_like(initial, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=hp.v_lr)
     active = torch.ones(n_req, dtype=torch.bool, device=device)
-    info = [{"steps": 0} for _ in requests]
+    info = [{"updates": 0} for _ in requests]  # Adam updates applied before the final loss
     edit = {target_module: lambda hidden: add_at_positions(hidden, torch.arange(len(sequences), device=device),
                                                            lookup, delta[owner_t])}
     with frozen(model):
@@ -223,7 +223,7 @@ def _optimise_targets(model, tok, target_module, requests, templates, hp) -> Tar
             weight_decay = hp.v_weight_decay * delta.norm(dim=1) / initial.norm(dim=1) ** 2
             loss = nll + kl + weight_decay
             for j in torch.nonzero(active).flatten().tolist():
-                info[j].update(steps=step, loss=loss[j].item(), nll=nll[j].item(), kl=kl[j].item(),
+                info[j].update(updates=step, loss=loss[j].item(), nll=nll[j].item(), kl=kl[j].item(),
                                weight_decay=weight_decay[j].item())
             active &= loss.detach() >= EARLY_STOP_LOSS
             if step == hp.v_num_grad_steps - 1 or not active.any():

@@ -47,6 +47,10 @@ HUB_CORPORA = {  # corpus name -> (dataset path, config) tried in order; the fir
 LOCAL_SUFFIXES = (".txt", ".raw")
 
 
+class CorpusUnavailable(RuntimeError):
+    """The statistics corpus cannot be loaded here (no `datasets` package, no network, no such source)."""
+
+
 @dataclass(frozen=True)
 class SecondMoment:
     matrix: torch.Tensor  # (d_k, d_k) float64 on CPU: the mean of k kᵀ
@@ -162,10 +166,10 @@ def load_articles(corpus: str, sources: list[CorpusSource]) -> tuple[CorpusSourc
     try:
         import datasets  # noqa: F401
     except ImportError:
-        raise RuntimeError(
+        raise CorpusUnavailable(
             f"corpus {corpus!r} needs the `datasets` package and network access "
             "(pip install datasets); offline, pass a local corpus instead: a text file or a directory of "
-            ".txt/.raw files, e.g. mom2_dataset / --corpus /work/shared/data/wikitext-2"
+            ".txt/.raw files such as a WikiText-2 copy (hparams mom2_dataset, or --stats_corpus / --corpus)"
         ) from None
     failures = []
     for source in sources:
@@ -178,9 +182,9 @@ def load_articles(corpus: str, sources: list[CorpusSource]) -> tuple[CorpusSourc
         if articles:
             return source, articles
         failures.append(f"{source.hub[0]} {source.hub[1]}: no articles")
-    raise RuntimeError(
+    raise CorpusUnavailable(
         f"corpus {corpus!r}: no source loaded (" + "; ".join(failures) + "); offline, pass a local corpus instead: a text "
-        "file or a directory of .txt/.raw files, e.g. /work/shared/data/wikitext-2"
+        "file or a directory of .txt/.raw files such as a WikiText-2 copy (hparams mom2_dataset, or --stats_corpus)"
     )
 
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from algs import ALGORITHMS, get_algorithm
 from algs.distribute import orig_weights, prepare_unedited, restore_weights
-from algs.second_moment import HUB_CORPORA
+from algs.second_moment import HUB_CORPORA, CorpusUnavailable
 from dsets import DATASETS, AttributeSnippets, DatasetNotFound, get_tfidf_vectorizer, load_records
 from experiments.metrics.counterfact import counterfact_case_metrics
 from experiments.metrics.generation import GenerationSettings
@@ -441,6 +441,9 @@ def prepare(args, default_run: bool) -> Session:
              args.stats_dir)
     if args.use_cache and args.sequential:
         log.info("--use_cache is ignored in sequential mode: each batch's targets depend on the earlier edits")
+    # Templates and C0 from the unedited model now: a bad statistics corpus fails here, before any evaluation,
+    # and a resumed sequential run continues exactly (its edited weights are loaded later).
+    prepare_unedited(model, tok, hp, args.seed, args.stats_dir)
     generation, generation_info = generation_plan(args, records, data_dir)
 
     params = {
@@ -469,8 +472,6 @@ def first_batch_to_run(session: Session, batches: list) -> int:
     """Sequential resume: load the checkpoint; batches up to it must be complete. Batched mode: 0."""
     if not session.args.sequential:
         return 0
-    if session.args.continue_from_run is not None:
-        prepare_unedited(session.model, session.tok, session.hp, session.args.seed, session.args.stats_dir)
     last = load_checkpoint(session.run_dir, session.model, session.hp)
     if last >= len(batches):
         raise UsageError(f"{session.run_dir / CHECKPOINT_FILE} is past the last batch ({last} >= {len(batches)})")
@@ -514,7 +515,7 @@ def main(argv=None) -> int:
         log.info("no arguments: running the demo %s", " ".join(DEFAULT_RUN_ARGV))
     try:
         session = prepare(args, default_run)
-    except (ValueError, OSError) as error:  # HparamsError, DatasetNotFound, UsageError, unreadable model/data
+    except (ValueError, OSError, CorpusUnavailable) as error:  # HparamsError, DatasetNotFound, UsageError, ...
         print(f"evaluate_unified_editing: error: {error}", file=sys.stderr)
         return 2
     try:

@@ -16,6 +16,7 @@ Example: python scripts/benchmark.py --only solver --dks 1024 4096 --threads 2
 """
 import argparse
 import dataclasses
+import functools
 import tempfile
 import time
 
@@ -24,9 +25,17 @@ import torch
 from algs.hparams import EditHparams
 from algs.keyvals import compute_keys, compute_targets, context_templates
 from algs.pm_solver import FactorCache, PreservationFactor, solve_update
-from algs.second_moment import (corpus_sources, default_max_length, key_dim, layer_second_moment, load_articles,
-                                sample_token_ids, HUB_POOL_ARTICLES)
+from algs.second_moment import (
+    HUB_POOL_ARTICLES,
+    corpus_sources,
+    default_max_length,
+    key_dim,
+    layer_second_moment,
+    load_articles,
+    sample_token_ids,
+)
 from util.arch import get_module, module_names, num_layers, weight_as_out_in
+from util.globals import REPO_ROOT
 from util.models import load_model, model_identity
 
 SECTIONS = ("stats", "solver", "targets")
@@ -71,14 +80,15 @@ def parse_args(argv=None):
     parser.add_argument("--model", default="smollm2-135m",
                         help="model for the stats and targets sections (default: the embedded smollm2-135m)")
     parser.add_argument("--layer", type=int, default=4, help="edited layer (default 4)")
-    parser.add_argument("--corpus", default="/work/shared/data/wikitext-2",
+    parser.add_argument("--corpus", default=str(REPO_ROOT.parent / "shared" / "data" / "wikitext-2"),
                         help="stats: corpus for C0, a local text file / directory of .txt/.raw files or a hub "
-                             "corpus name of algs.second_moment (default: /work/shared/data/wikitext-2)")
+                             "corpus name of algs.second_moment (default: ../shared/data/wikitext-2 beside the repo)")
     parser.add_argument("--multipliers", type=float, nargs="+", default=[2.0, 10.0],
                         help="stats: FastMEMIT dynamic_multiplier values to compare (default: 2 10)")
-    parser.add_argument("--full_factor", type=float, default=8.0,
+    parser.add_argument("--full_factor", type=float, default=5.0,
                         help="stats: the full baseline takes as many whole articles as fit in this many times "
-                             "the largest cap's tokens, or the whole corpus when it is smaller (default 8)")
+                             "the largest cap's tokens, or the whole corpus when it is smaller (default 5; with the "
+                             "default corpus, 8 takes all of it, ~122k tokens, ~2 min on one thread)")
     parser.add_argument("--dks", type=int, nargs="+", default=[1024, 4096],
                         help="solver: key dimensions d_k (default: 1024 4096)")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 16, 256],
@@ -95,12 +105,12 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------- helpers
 
-def best_time(fn, repeats: int):
-    """(result of the last run, shortest wall time of up to `repeats` runs)."""
+def best_time(repeats: int, fn, *args, **kwargs):
+    """(result of the last run of fn(*args, **kwargs), shortest wall time of up to `repeats` runs)."""
     times = []
     while len(times) < repeats and sum(times) < REPEAT_BUDGET_S:
         start = time.perf_counter()
-        result = fn()
+        result = fn(*args, **kwargs)
         times.append(time.perf_counter() - start)
     return result, min(times)
 
@@ -139,6 +149,8 @@ def bench_stats(model, tok, args) -> None:
     model_id, revision = model_identity(model)
     budget = round(args.full_factor * max(round(m * d_k) for m in args.multipliers))
     n_full = full_baseline_articles(tok, args.corpus, budget, args.seed, default_max_length(model))
+    if n_full == 0:
+        raise ValueError(f"no whole article of {args.corpus} fits in {budget} tokens; raise --full_factor")
     configs = [(f"cap m={m:g}", True, m, 0) for m in args.multipliers]
     configs.append((f"full {n_full} articles", False, 0.0, n_full))
 
@@ -150,13 +162,12 @@ def bench_stats(model, tok, args) -> None:
     measured = {}
     with tempfile.TemporaryDirectory(prefix="benchmark_stats_") as stats_dir:
         for label, dynamic, multiplier, n_samples in configs:
-            def second_moment():
-                return layer_second_moment(model, tok, module_name, corpus=args.corpus, dynamic=dynamic,
-                                           dynamic_multiplier=multiplier, n_samples=n_samples, model_id=model_id,
-                                           model_revision=revision, stats_dir=stats_dir, seed=args.seed)
-
-            moment, t_compute = best_time(second_moment, 1)  # once: a second run would read the cache
-            reread, t_read = best_time(second_moment, args.repeats)
+            second_moment = functools.partial(
+                layer_second_moment, model, tok, module_name, corpus=args.corpus, dynamic=dynamic,
+                dynamic_multiplier=multiplier, n_samples=n_samples, model_id=model_id, model_revision=revision,
+                stats_dir=stats_dir, seed=args.seed)
+            moment, t_compute = best_time(1, second_moment)  # once: a second run would read the cache
+            reread, t_read = best_time(args.repeats, second_moment)
             delta, diagnostics = solve_update(residuals, keys, PreservationFactor(moment.matrix, 1.0), rho=0.0)
             measured[label] = (moment, reread.cache, t_compute, t_read, delta, diagnostics)
 
@@ -170,14 +181,32 @@ def bench_stats(model, tok, args) -> None:
     print_table(f"stats: C0 of {module_name} (d_k {d_k}) from {full_moment.corpus}; EMMET rho=0 Δ for "
                 f"{len(REQUESTS)} real keys, seeded random residuals; baseline = the full sample",
                 ["sample", "tokens", "texts", "compute_s", "full/this time", "C0 rel diff", "Δ rel diff",
-                 "cond(C0)", "2nd call", "compute/cache-read time", ""], rows)
+                 "cond(C0)", "2nd call", "compute/cache-read time", "note"], rows)
 
 
 # ---------------------------------------------------------------- 2. solver forms
 
-def fresh_dk_solve(C0: torch.Tensor, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-    """The reference code's MEMIT step: Δ = R Kᵀ (C0 + K Kᵀ)⁻¹ by one d_k×d_k solve, nothing kept."""
+def bxb_cold(R, K, C0, cache):
+    """The B×B form as a layer's first batch runs it: the Cholesky factor of C0 is built first."""
+    return solve_update(R, K, PreservationFactor(C0, 1.0), 1.0, form="bxb")[0]
+
+
+def bxb_cached(R, K, C0, cache):
+    """The B×B form of every later batch: the factor comes from the FactorCache."""
+    return solve_update(R, K, cache.get("bench", C0, 1.0), 1.0, form="bxb")[0]
+
+
+def dkxdk(R, K, C0, cache):
+    """The d_k×d_k push-through form: solves C0 + K Kᵀ, so there is no factor to reuse."""
+    return solve_update(R, K, cache.get("bench", C0, 1.0), 1.0, form="dkxdk")[0]
+
+
+def fresh(R, K, C0, cache):
+    """The reference code's MEMIT step: Δ = R Kᵀ (C0 + K Kᵀ)⁻¹ by one d_k×d_k solve, no diagnostics."""
     return torch.linalg.solve(C0 + K @ K.mT, K @ R.mT).mT
+
+
+SOLVE_VARIANTS = (bxb_cold, bxb_cached, dkxdk, fresh)
 
 
 def bench_solver(args) -> None:
@@ -191,19 +220,15 @@ def bench_solver(args) -> None:
         for B in args.batch_sizes:
             K = torch.randn(d_k, B, dtype=torch.float64, generator=generator)
             R = torch.randn(SOLVER_D_V, B, dtype=torch.float64, generator=generator)
-            (bxb_cold, _), t_cold = best_time(
-                lambda: solve_update(R, K, PreservationFactor(C0, 1.0), 1.0, form="bxb"), args.repeats)
-            (bxb_cached, _), t_cached = best_time(
-                lambda: solve_update(R, K, cache.get("bench", C0, 1.0), 1.0, form="bxb"), args.repeats)
-            (dkxdk, _), t_dkxdk = best_time(
-                lambda: solve_update(R, K, cache.get("bench", C0, 1.0), 1.0, form="dkxdk"), args.repeats)
-            fresh, t_fresh = best_time(lambda: fresh_dk_solve(C0, K, R), args.repeats)
-            worst = max(rel_diff(d, bxb_cached) for d in (bxb_cold, dkxdk, fresh))
-            rows.append([str(d_k), str(B), t_cold * 1e3, t_cached * 1e3, t_dkxdk * 1e3, t_fresh * 1e3,
-                         t_dkxdk / t_cold, t_fresh / t_cached, worst])
+            deltas, seconds = {}, {}
+            for variant in SOLVE_VARIANTS:
+                deltas[variant], seconds[variant] = best_time(args.repeats, variant, R, K, C0, cache)
+            worst = max(rel_diff(deltas[v], deltas[bxb_cached]) for v in SOLVE_VARIANTS)
+            rows.append([str(d_k), str(B), *(seconds[v] * 1e3 for v in SOLVE_VARIANTS),
+                         seconds[dkxdk] / seconds[bxb_cold], seconds[fresh] / seconds[bxb_cached], worst])
     print_table("solver: least squares (rho=1) on a random SPD C0; bxb_cold builds the Cholesky factor, "
                 "bxb_cached reuses it (FactorCache), fresh = torch.linalg.solve of the d_k×d_k system",
-                ["d_k", "B", "bxb_cold_ms", "bxb_cached_ms", "dkxdk_ms", "fresh_ms", "dkxdk/bxb_cold time",
+                ["d_k", "B", *(f"{v.__name__}_ms" for v in SOLVE_VARIANTS), "dkxdk/bxb_cold time",
                  "fresh/bxb_cached time", "max Δ rel diff"], rows)
 
 
@@ -219,8 +244,8 @@ def bench_targets(model, tok, args) -> None:
         return compute_targets(model, tok, target_module, requests, templates, hparams, max_requests=max_requests)
 
     targets(REQUESTS[:1], 1, dataclasses.replace(hp, v_num_grad_steps=1))  # warm-up, untimed
-    batched, t_batched = best_time(lambda: targets(REQUESTS, len(REQUESTS)), 1)
-    single, t_single = best_time(lambda: targets(REQUESTS, 1), 1)
+    batched, t_batched = best_time(1, targets, REQUESTS, len(REQUESTS))
+    single, t_single = best_time(1, targets, REQUESTS, 1)
     delta_batched, delta_single = batched.targets - batched.initial, single.targets - single.initial
     target_diff = max(rel_diff(a, b) for a, b in zip(batched.targets, single.targets))
     delta_diff = max(rel_diff(a, b) for a, b in zip(delta_batched, delta_single))

@@ -2,7 +2,7 @@
 
 Example (offline, embedded model, local WikiText-2):
   python scripts/collect_stats.py --model_name smollm2-135m --hparams hparams/MEMIT/smollm2-135m.json \\
-      --corpus /work/shared/data/wikitext-2
+      --corpus ../shared/data/wikitext-2
 """
 import argparse
 import logging

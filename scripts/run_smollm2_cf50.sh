@@ -16,11 +16,15 @@ COMMON=(--model_name=smollm2-135m --hparams_fname=smollm2-135m.json --ds_name=cf
         --dataset_size_limit="$N_CASES" --data_dir="$DATA_DIR" --results_dir="$OUT_DIR"
         --stats_corpus="$SHARED_DATA/wikitext-2" --generation_test_interval=10 --use_cache ${EXTRA_FLAGS:-})
 export KE_NO_DOWNLOAD=1
-python experiments/evaluate_unified_editing.py --alg_name=ROME --num_edits=1 "${COMMON[@]}"
+# Two processes side by side, one thread each: ROME, and the EMMET/MEMIT chain (which shares target vectors).
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+python experiments/evaluate_unified_editing.py --alg_name=ROME --num_edits=1 "${COMMON[@]}" &
+rome=$!
 for alg in EMMET MEMIT; do
   for n in 1 16; do
     python experiments/evaluate_unified_editing.py --alg_name="$alg" --num_edits="$n" "${COMMON[@]}"
   done
 done
+wait "$rome"
 python experiments/summarize.py "$OUT_DIR" --csv "$OUT_DIR/summary.csv" --json "$OUT_DIR/summary.json" \
     --plot "$OUT_DIR/summary.png"

@@ -184,7 +184,7 @@ def test_batched_run_writes_the_results_format(ws, batched_run):
         assert case["batch_case_ids"] == [r["case_id"] for r in ws.records[index - index % NUM_EDITS:][:NUM_EDITS]]
         assert type(case["edit_time"]) is float and case["edit_time"] > 0
         assert case["requested_rewrite"] == record["requested_rewrite"]
-        assert case["edit"]["layers"][0]["module"] == REWRITE_MODULE and "steps" in case["edit"]["target_optimisation"]
+        assert case["edit"]["layers"][0]["module"] == REWRITE_MODULE and "updates" in case["edit"]["target_optimisation"]
         assert ("generation" in case["pre"]) == ("generation" in case["post"]) == (index % 2 == 0)
         assert nlls(case["post"]) != nlls(case["pre"])  # the edit was in the model when "post" was measured
 
@@ -322,3 +322,12 @@ def test_hparams_typo_gives_one_line_error_and_status_2(ws, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert "v_num_grad_step" in err and "typo.json" in err
     assert not (tmp_path / "results").exists()
+
+
+def test_missing_statistics_corpus_fails_before_any_evaluation(ws, tmp_path, capsys):
+    hparams = write_hparams(tmp_path / "hp.json", tmp_path / "no_such_corpus")
+    assert cli.main(argv_for(ws, tmp_path / "results", hparams=hparams)) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("evaluate_unified_editing: error:")]
+    assert len(errors) == 1 and "no_such_corpus" in errors[0] and "Traceback" not in err
+    assert not list((tmp_path / "results").glob("*/run_*/case_*.json"))

@@ -358,14 +358,14 @@ def test_batched_targets_equal_one_at_a_time(editable_models, embedded_tokenizer
     templates = keyvals.context_templates(model, tok, TEMPLATE_LENGTHS)
     batched = keyvals.compute_targets(model, tok, block, requests, templates, hp)
     chunked = keyvals.compute_targets(model, tok, block, requests, templates, hp, max_requests=2)
-    steps = [info["steps"] for info in batched.info]
+    steps = [info["updates"] for info in batched.info]
     assert len(set(steps)) > 1 and min(steps) < hp.v_num_grad_steps - 1  # one stopped early, others went on
     for i, request in enumerate(requests):
         alone = keyvals.compute_targets(model, tok, block, [request], templates, hp)
         assert relative_error(batched.targets[i], alone.targets[0]) < 1e-4
         assert relative_error(chunked.targets[i], alone.targets[0]) < 1e-4
         assert torch.allclose(batched.initial[i], alone.initial[0], atol=1e-5)
-        assert batched.info[i]["steps"] == alone.info[0]["steps"]
+        assert batched.info[i]["updates"] == alone.info[0]["updates"]
 
     early = steps.index(min(steps))
     moved = batched.targets[early] - batched.initial[early]
