@@ -77,15 +77,21 @@ def find_runs(path) -> list[Path]:
     return sorted(runs, key=run_sort_key)
 
 
-def read_params(run_dir: Path) -> dict:
-    path = run_dir / "params.json"
+def read_json_object(path: Path, error_class) -> dict:
+    """A JSON object from `path`, or error_class naming the file and what is wrong."""
     try:
         with open(path) as f:
-            params = json.load(f)
+            obj = json.load(f)
     except (OSError, json.JSONDecodeError) as error:
-        raise RunError(f"{path}: cannot read run parameters ({error})") from None
-    if not isinstance(params, dict):
-        raise RunError(f"{path}: expected a JSON object, got {type(params).__name__}")
+        raise error_class(f"{path}: not readable JSON ({error})") from None
+    if not isinstance(obj, dict):
+        raise error_class(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def read_params(run_dir: Path) -> dict:
+    path = run_dir / "params.json"
+    params = read_json_object(path, RunError)
     if params.get("ds_name") not in CASE_SCORES:
         raise RunError(f"{path}: 'ds_name' is {params.get('ds_name')!r}; expected one of {', '.join(CASE_SCORES)}")
     if not isinstance(params.get("hparams", {}), dict):
@@ -103,13 +109,7 @@ def case_files(run_dir: Path, first_n_cases=None) -> list[Path]:
 
 def read_case(path: Path, case_scores) -> dict:
     """One case: its pre and post scores, batch index and the batch's edit time."""
-    try:
-        with open(path) as f:
-            case = json.load(f)
-    except (OSError, json.JSONDecodeError) as error:
-        raise CaseError(f"{path}: not readable JSON ({error})") from None
-    if not isinstance(case, dict):
-        raise CaseError(f"{path}: expected a JSON object, got {type(case).__name__}")
+    case = read_json_object(path, CaseError)
     scores = {}
     for side in SIDES:
         if not isinstance(case.get(side), dict):
