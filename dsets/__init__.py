@@ -18,3 +18,6 @@ def load_records(ds_name: str, data_dir=None, size: int | None = None):
     if ds_name not in DATASETS:
         raise ValueError(f"unknown dataset {ds_name!r}; valid names: {', '.join(sorted(DATASETS))}")
     return DATASETS[ds_name](data_dir=data_dir, size=size)
+
+__all__ = ["AttributeSnippets", "CounterFactDataset", "DATASETS", "DatasetNotFound", "KnownsDataset", "MENDQADataset",
+           "MultiCounterFactDataset", "get_tfidf_vectorizer", "load_records", "locate"]
