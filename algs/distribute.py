@@ -4,6 +4,7 @@ Single layer: edit layers = [L]. MEMIT spread: layers l_1 < ... < l_m, target at
 the model as already edited below, the remaining residual at L is split evenly over the layers left.
 The objective (ROME / MEMIT / EMMET) only picks the solver's softness `rho` and the preservation matrix.
 """
+import copy as copy_module
 import time
 import weakref
 from dataclasses import dataclass
@@ -154,8 +155,6 @@ def apply_to_model(model, tok, requests, hp, objective_for, *, copy=False, retur
     Returns (model, orig_weights): orig_weights holds copies of the changed matrices if asked, else {}.
     """
     if copy:
-        import copy as copy_module
-
         model = copy_module.deepcopy(model)
     for request in requests:
         _check_request(request)

@@ -63,7 +63,7 @@ class UsageError(ValueError):
 # ---------------------------------------------------------------- arguments
 
 def parse_bool(text: str) -> bool:
-    """True/False/1/0/yes/no, any case (argparse's type=bool would read "False" as True)."""
+    """True/False/1/0/yes/no, any case (argparse's bool() would read "False" as True)."""
     word = text.strip().lower()
     if word in TRUE_WORDS:
         return True
