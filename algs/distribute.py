@@ -80,6 +80,14 @@ def _second_moment(cache, model, tok, hp, rewrite_module, d_k, stats_dir):
     return cache.moments[key]
 
 
+def _layer_moments(model, tok, hp, names, stats_dir) -> dict:
+    """{layer: SecondMoment} for every edited layer, from the per-model cache when already made."""
+    cache = _CACHES.setdefault(model, _LayerCache())
+    return {layer: _second_moment(cache, model, tok, hp, names.rewrite_module_tmp.format(layer),
+                                  _key_dim(model, names.rewrite_module_tmp.format(layer)), stats_dir)
+            for layer in hp.layers}
+
+
 def prepare_unedited(model, tok, hp, seed: int = 0, stats_dir=None) -> None:
     """Make now, on the model as it is, what edits take from the unedited model: context templates and C0.
 
@@ -88,11 +96,7 @@ def prepare_unedited(model, tok, hp, seed: int = 0, stats_dir=None) -> None:
     """
     for flat in (False, True):
         keyvals.context_templates(model, tok, hp.context_template_length_params, seed, flat=flat)
-    names = module_names(model, hp.module_overrides())
-    cache = _CACHES.setdefault(model, _LayerCache())
-    for layer in hp.layers:
-        rewrite_module = names.rewrite_module_tmp.format(layer)
-        _second_moment(cache, model, tok, hp, rewrite_module, _key_dim(model, rewrite_module), stats_dir)
+    _layer_moments(model, tok, hp, module_names(model, hp.module_overrides()), stats_dir)
 
 
 def edit_layers(model, tok, requests, hp, objective: Objective, seed: int = 0, stats_dir=None,
@@ -110,14 +114,11 @@ def edit_layers(model, tok, requests, hp, objective: Objective, seed: int = 0, s
                                           flat=objective.flat_templates)
     targets = keyvals.compute_targets(model, tok, target_module, requests, templates, hp,
                                       cache_dir=target_cache_dir, model_key=list(model_identity(model)))
-    cache = _CACHES.setdefault(model, _LayerCache())
     report = {"objective": objective.name, "target_module": target_module, "batch_size": len(requests),
               "target_optimisation": targets.info, "layers": []}
-
     # C0 of every edited layer before any layer changes: the statistics describe the unedited model.
-    moments = {layer: _second_moment(cache, model, tok, hp, names.rewrite_module_tmp.format(layer),
-                                     _key_dim(model, names.rewrite_module_tmp.format(layer)), stats_dir)
-               for layer in hp.layers}
+    moments = _layer_moments(model, tok, hp, names, stats_dir)
+    factors = _CACHES[model].factors
     for i, layer in enumerate(hp.layers):
         rewrite_module = names.rewrite_module_tmp.format(layer)
         module = get_module(model, rewrite_module)
@@ -131,7 +132,7 @@ def edit_layers(model, tok, requests, hp, objective: Objective, seed: int = 0, s
             residual = (targets.targets - current) / (len(hp.layers) - i)
 
         moment = moments[layer]
-        factor = cache.factors.get(rewrite_module, moment.matrix, objective.solver.mom2_update_weight,
+        factor = factors.get(rewrite_module, moment.matrix, objective.solver.mom2_update_weight,
                                    objective.solver.update_norm_lambda)
         delta, diagnostics = solve_update(residual.T, keys.averaged.T, factor, objective.solver.rho,
                                           K_c=None if constraint_keys is keys.averaged else constraint_keys.T)
