@@ -12,6 +12,12 @@ evaluated again (post) and one case_<case_id>.json is written per case. Batched 
 original weights, so every batch edits the unedited model; sequential mode keeps all edits and saves the
 edited matrices after each batch (edited_weights.safetensors), so a killed run goes on from the same model
 state with --continue_from_run. Results: <results_dir>/<ALG>/run_XXX/params.json and the case files.
+
+Sequential (lifelong) runs also record, SPEC §8–§9: every case re-scored after the last batch ("final" in its
+case file), the forgetting curve (--retention_eval_steps), model health (--do_downstream_eval: downstream
+tasks and WikiText-2 perplexity at 0 edits and every --downstream_eval_steps edits), the norms of the edited
+matrices after every batch (weight_norms.jsonl), and optionally the edited model (--save_model,
+--model_save_interval).
 """
 import argparse
 import json
@@ -31,6 +37,7 @@ from tqdm import tqdm
 from algs import ALGORITHMS, get_algorithm
 from algs.distribute import orig_weights, prepare_unedited, restore_weights
 from algs.second_moment import HUB_CORPORA, CorpusUnavailable
+from experiments import lifelong
 from dsets import DATASETS, AttributeSnippets, DatasetNotFound, get_tfidf_vectorizer, load_records
 from experiments.metrics.counterfact import counterfact_case_metrics
 from experiments.metrics.generation import GenerationSettings
@@ -48,10 +55,14 @@ SHARED_DATA_DIR = G.REPO_ROOT.parent / "shared" / "data"  # the demo's fallback 
 LOCAL_WIKITEXT_DIRS = ("wikitext-2", "wikitext-2-raw")  # the demo's offline statistics corpus
 # Flags that change results: a resumed run must have the same values (paths, device and memory use may differ).
 RESULT_ARGS = ("alg_name", "model_name", "ds_name", "num_edits", "sequential", "seed", "dataset_size_limit",
-               "dtype", "stats_corpus", "skip_generation_tests", "generation_test_interval")
+               "dtype", "stats_corpus", "skip_generation_tests", "generation_test_interval",
+               "retention_eval_steps", "do_downstream_eval", "downstream_eval_steps", "downstream_tasks",
+               "number_of_few_shots", "number_of_tests")
 RESULT_PARAMS = ("model_id", "model_revision", "dataset_source", "num_cases")
 PARAMS_FILE = "params.json"
 CHECKPOINT_FILE = "edited_weights.safetensors"
+DEFAULT_DOWNSTREAM_TASKS = "sst2,mrpc,cola,rte,mmlu"
+PERPLEXITY_CHUNK_TOKENS = 256  # WikiText-2 test chunks of this many tokens (fewer if the model's context is shorter)
 TRUE_WORDS = ("true", "1", "yes")
 FALSE_WORDS = ("false", "0", "no")
 
@@ -79,6 +90,16 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
     return value
 
 
@@ -142,6 +163,32 @@ def build_parser() -> argparse.ArgumentParser:
                         help="corpus for the statistics instead of the hparams' mom2_dataset: 'wikipedia', "
                              "'wikitext-103' (need the datasets package and network) or a local text file / folder "
                              "of .txt/.raw files, e.g. ../shared/data/wikitext-2")
+    lifelong_flags = parser.add_argument_group(
+        "sequential (lifelong) editing", "need --sequential; every case also gets a 'final' score on the model "
+        "after the last batch, and weight_norms.jsonl gets one line per batch")
+    lifelong_flags.add_argument("--retention_eval_steps", type=non_negative_int, default=0, metavar="N",
+                                help="every N edits, re-score every case edited so far (ES/PS/NS) into "
+                                     "retention_<edits>edits.json: the forgetting curve (default 0: never)")
+    add_bool(lifelong_flags, "--do_downstream_eval",
+             "check model health at 0 edits and every --downstream_eval_steps edits: downstream tasks by label "
+             "likelihood (accuracy, macro-F1, MCC) and WikiText-2 perplexity, into downstream_<edits>edits.json")
+    lifelong_flags.add_argument("--downstream_eval_steps", type=positive_int, default=None, metavar="N",
+                                help="edits between health checks (default: only at 0 edits and after the last "
+                                     "batch); the last batch is always checked")
+    lifelong_flags.add_argument("--downstream_tasks", default=DEFAULT_DOWNSTREAM_TASKS, metavar="T1,T2,...",
+                                help="comma-separated tasks of sst2, mrpc, cola, rte, nli (RTE train), mmlu; the "
+                                     "reference subsets from <data_dir>/downstream/ (default "
+                                     f"{DEFAULT_DOWNSTREAM_TASKS})")
+    lifelong_flags.add_argument("--number_of_few_shots", default="4", metavar="K1,K2,...",
+                                help="few-shot examples per task: one number for all tasks or one per task "
+                                     "(default 4)")
+    lifelong_flags.add_argument("--number_of_tests", type=positive_int, default=100, metavar="N",
+                                help="test items scored per task (default 100)")
+    add_bool(lifelong_flags, "--save_model",
+             "save the edited model after the last batch (save_pretrained, safetensors, with the tokenizer and "
+             "edits.json) into the run dir as edited_model_<edits>edits/")
+    lifelong_flags.add_argument("--model_save_interval", type=non_negative_int, default=0, metavar="N",
+                                help="also save the edited model every N edits (default 0: never)")
     return parser
 
 
@@ -154,6 +201,21 @@ def parse_args(argv: list) -> tuple[argparse.Namespace, bool]:
     args.stats_dir = str(Path(args.stats_dir or G.stats_dir()).expanduser().resolve())
     if args.stats_corpus is not None and Path(args.stats_corpus).expanduser().exists():
         args.stats_corpus = str(Path(args.stats_corpus).expanduser().resolve())
+    args.downstream_tasks = [task.strip() for task in args.downstream_tasks.split(",") if task.strip()]
+    try:
+        few_shots = [int(k) for k in args.number_of_few_shots.split(",")]
+    except ValueError:
+        raise UsageError(f"--number_of_few_shots: expected integers separated by commas, got "
+                         f"{args.number_of_few_shots!r}") from None
+    if len(few_shots) == 1:
+        few_shots *= len(args.downstream_tasks)
+    args.number_of_few_shots = few_shots
+    lifelong_options = [flag for flag, used in (
+        ("--retention_eval_steps", args.retention_eval_steps), ("--do_downstream_eval", args.do_downstream_eval),
+        ("--save_model", args.save_model), ("--model_save_interval", args.model_save_interval)) if used]
+    if lifelong_options and not args.sequential:
+        raise UsageError(f"{', '.join(lifelong_options)} need --sequential: batched mode restores the original "
+                         f"weights after every batch, so there is no edited model to check or save")
     return args, default_run
 
 
@@ -193,6 +255,13 @@ def demo_stats_corpus(corpus: str, data_dirs: list) -> str:
                 log.info("stats corpus: the demo uses the local %s instead of the hub corpus %r", local, corpus)
                 return local
     return corpus
+
+
+def max_positions(model) -> int:
+    """The longest sequence the model takes (perplexity chunks must fit)."""
+    config = model.config
+    return next((value for name in ("max_position_embeddings", "n_positions", "n_ctx")
+                 if isinstance(value := getattr(config, name, None), int)), PERPLEXITY_CHUNK_TOKENS)
 
 
 def check_model_fits(model, hp, path: Path, args) -> None:
@@ -344,6 +413,10 @@ class Session:
     generation_info: dict
     run_dir: Path
     params: dict
+    initial_weights: dict  # W_0 of the edited matrices, on the CPU (matrix health)
+    downstream_tasks: list | None  # loaded DownstreamTasks when --do_downstream_eval
+    perplexity_chunks: list | None
+    perplexity_source: dict | None
 
 
 def case_metrics(session: Session, index: int) -> tuple[dict, str]:
@@ -383,16 +456,15 @@ def edit_batch(session: Session, requests: list) -> tuple[float, dict]:
     return time.perf_counter() - started, report
 
 
-def run_batch(session: Session, batch: int, indices: list) -> None:
+def run_batch(session: Session, batch: int, indices: list, edits_done: int) -> None:
+    """Evaluate, edit, evaluate again; one case file per case and one weight_norms.jsonl line."""
     args, run_dir = session.args, session.run_dir
     records = [session.records[i] for i in indices]
     case_ids = [record["case_id"] for record in records]
     pre = [case_metrics(session, i) for i in indices]
-    saved = None
-    if not args.sequential:
-        saved = orig_weights(session.model, session.hp)
-        if args.conserve_memory:
-            saved = {name: weight.cpu() for name, weight in saved.items()}
+    saved = orig_weights(session.model, session.hp)
+    if args.conserve_memory:
+        saved = {name: weight.cpu() for name, weight in saved.items()}
     requests = [{"case_id": record["case_id"], **record["requested_rewrite"]} for record in records]
     edit_time, report = edit_batch(session, requests)
     if not session.params["statistics"]:
@@ -400,7 +472,8 @@ def run_batch(session: Session, batch: int, indices: list) -> None:
         session.params["statistics"] = {layer["module"]: layer["statistics"] for layer in first_edit["layers"]}
         write_json_atomic(run_dir / PARAMS_FILE, session.params)
     post = [case_metrics(session, i)[0] for i in indices]
-    if saved is not None:
+    norms = lifelong.weight_norms(orig_weights(session.model, session.hp), session.initial_weights, saved)
+    if not args.sequential:
         restore_weights(session.model, saved)
     for record, (pre_metrics, generation_test), post_metrics, edit in zip(
             records, pre, post, case_edit_reports(report, len(requests))):
@@ -408,6 +481,60 @@ def run_batch(session: Session, batch: int, indices: list) -> None:
             "case_id": record["case_id"], "batch": batch, "batch_case_ids": case_ids, "num_edits": args.num_edits,
             "sequential": args.sequential, "requested_rewrite": record["requested_rewrite"], "edit_time": edit_time,
             "generation_test": generation_test, "pre": pre_metrics, "post": post_metrics, "edit": edit})
+    lifelong.record_weight_norms(run_dir, {"batch": batch, "num_edits_done": edits_done + len(indices),
+                                           "case_ids": case_ids, "edit_time": edit_time, "matrices": norms})
+
+
+# ---------------------------------------------------------------- sequential checkpoints
+
+def health_checks(session: Session, edits_before: int, edits_after: int, batch: int, is_last: bool) -> None:
+    """The checkpoints due once the edits went from `edits_before` to `edits_after` (with `batch`; -1 and
+    0 edits: the unedited model). Each file that already exists is kept: a resumed run fills in only what
+    is missing, for the model state it has now."""
+    args, run_dir, model, tok = session.args, session.run_dir, session.model, session.tok
+    if edits_after > 0 and lifelong.is_due(args.retention_eval_steps, edits_before, edits_after):
+        path = lifelong.checkpoint_path(run_dir, "retention", edits_after)
+        if lifelong.read_checkpoint(path) is None:
+            edited = [session.records[i] for i in range(edits_after)]
+            log.info("retention: re-scoring the %d cases edited so far", len(edited))
+            write_json_atomic(path, lifelong.retention_checkpoint(model, tok, args.ds_name, edited, edits_after,
+                                                                  batch))
+    if args.do_downstream_eval and (is_last or edits_after == 0 or
+                                    lifelong.is_due(args.downstream_eval_steps, edits_before, edits_after)):
+        path = lifelong.checkpoint_path(run_dir, "downstream", edits_after)
+        if lifelong.read_checkpoint(path) is None:
+            log.info("model health after %d edits: %s and perplexity", edits_after, ", ".join(args.downstream_tasks))
+            write_json_atomic(path, lifelong.downstream_checkpoint(
+                model, tok, session.downstream_tasks, session.perplexity_chunks, session.perplexity_source,
+                edits_after, batch))
+    if edits_after > 0 and ((args.save_model and is_last) or
+                            lifelong.is_due(args.model_save_interval, edits_before, edits_after)):
+        path = lifelong.model_save_dir(run_dir, edits_after)
+        log.info("saving the edited model to %s", path)
+        edited_ids = [session.records[i]["case_id"] for i in range(edits_after)]
+        lifelong.save_edited_model(model, tok, path, {
+            "alg_name": args.alg_name, "model_name": args.model_name, "model_id": session.params["model_id"],
+            "run_dir": str(run_dir), "num_edits_done": edits_after, "after_batch": batch,
+            "case_ids": edited_ids, "edited_modules": sorted(session.initial_weights),
+            "requested_rewrites": [session.records[i]["requested_rewrite"] for i in range(edits_after)]})
+
+
+def final_scores(session: Session, last_batch: int, chunk: int = 256) -> None:
+    """Sequential mode: "final" in every case file, the case re-scored on the model after the last batch
+    (retention). Cases that already have it (a resumed run) are left as they are."""
+    args, run_dir = session.args, session.run_dir
+    missing = [i for i in range(len(session.records))
+               if "final" not in read_json(case_path(run_dir, session.records[i]["case_id"]))]
+    if missing:
+        log.info("final: re-scoring %d cases on the model after the last batch", len(missing))
+    for start in range(0, len(missing), chunk):
+        indices = missing[start:start + chunk]
+        scored = lifelong.score_cases(session.model, session.tok, args.ds_name,
+                                      [session.records[i] for i in indices])
+        for i, metrics in zip(indices, scored):
+            path = case_path(run_dir, session.records[i]["case_id"])
+            write_json_atomic(path, {**read_json(path), "final": metrics, "final_after_batch": last_batch,
+                                     "final_num_edits_done": len(session.records)})
 
 
 # ---------------------------------------------------------------- the run
@@ -432,6 +559,13 @@ def prepare(args, default_run: bool) -> Session:
                      {**{key: vars(args)[key] for key in RESULT_ARGS}, "hparams": hparams_from_file})
 
     log.info("dataset %s: %d cases from %s", args.ds_name, len(records), records.source)
+    health_data_dirs = list(dict.fromkeys(str(d) for d in (data_dir, G.data_dir(), SHARED_DATA_DIR)))
+    downstream_tasks = None
+    if args.do_downstream_eval:  # a missing or malformed task file fails here, before the model loads
+        from experiments.metrics.downstream import load_downstream_tasks
+
+        downstream_tasks = load_downstream_tasks(health_data_dirs, args.downstream_tasks, args.number_of_few_shots,
+                                                 args.number_of_tests)
     log.info("model %s on %s in %s", args.model_name, args.device, args.dtype)
     model, tok = load_model(args.model_name, args.device, args.dtype)
     check_model_fits(model, hp, path, args)
@@ -445,6 +579,17 @@ def prepare(args, default_run: bool) -> Session:
     # and a resumed sequential run continues exactly (its edited weights are loaded later).
     prepare_unedited(model, tok, hp, args.seed, args.stats_dir)
     generation, generation_info = generation_plan(args, records, data_dir)
+    initial_weights = lifelong.matrices_on_cpu(orig_weights(model, hp))
+    perplexity_chunks = perplexity_source = None
+    health_info = {"run": False}
+    if args.do_downstream_eval:
+        from experiments.metrics.downstream import load_perplexity_chunks
+
+        perplexity_chunks, perplexity_source = load_perplexity_chunks(
+            health_data_dirs, tok, chunk_tokens=min(PERPLEXITY_CHUNK_TOKENS, max_positions(model)))
+        health_info = {"run": True, "tasks": {task.name: {"template": task.template, "labels": task.labels,
+                                                          **task.source} for task in downstream_tasks},
+                       "perplexity": perplexity_source}
 
     params = {
         "alg_name": args.alg_name, "model_name": args.model_name, "model_id": model_id,
@@ -453,7 +598,8 @@ def prepare(args, default_run: bool) -> Session:
         "num_cases": len(records), "versions": library_versions(), "git_commit": git_commit(),
         "device": args.device, "dtype": args.dtype,
         "stats_corpus": hp.mom2_dataset if hp.mom2_adjustment else None, "generation": generation_info,
-        "default_run": default_run, "statistics": {}, "started_at": utc_now(), "status": "running",
+        "default_run": default_run, "statistics": {}, "downstream": health_info, "started_at": utc_now(),
+        "status": "running",
     }
     params = as_json(params)
     if args.continue_from_run is None:
@@ -461,11 +607,11 @@ def prepare(args, default_run: bool) -> Session:
     else:
         check_resume(run_dir, stored, {key: params[key] for key in RESULT_PARAMS})
         params = {**stored, "status": "running", "resumed_at": stored.get("resumed_at", []) + [utc_now()]}
-        for leftover in run_dir.glob(".*.tmp"):  # half-written files of a killed run (never read)
-            leftover.unlink()
+        lifelong.remove_leftovers(run_dir)  # half-written files of a killed run (never read)
     write_json_atomic(run_dir / PARAMS_FILE, params)
     log.info("run dir: %s", run_dir)
-    return Session(args, hp, apply, model, tok, records, generation, generation_info, run_dir, params)
+    return Session(args, hp, apply, model, tok, records, generation, generation_info, run_dir, params,
+                   initial_weights, downstream_tasks, perplexity_chunks, perplexity_source)
 
 
 def first_batch_to_run(session: Session, batches: list) -> int:
@@ -491,17 +637,26 @@ def evaluate(session: Session) -> None:
     n = len(session.records)
     batches = [list(range(start, min(start + args.num_edits, n))) for start in range(0, n, args.num_edits)]
     first = first_batch_to_run(session, batches)
+    edits_before = [indices[0] for indices in batches]  # cases edited before each batch
+    if args.sequential:  # the checkpoints of the state the run starts from: 0 edits, or a resumed state
+        done = edits_before[first] if first < len(batches) else n
+        health_checks(session, -1 if first == 0 else edits_before[first - 1], done, first - 1,
+                      is_last=first == len(batches))
     with tqdm(total=n, unit="case", desc=f"{args.alg_name} {run_dir.name}") as progress:
         for batch, indices in enumerate(batches):
             case_ids = [session.records[i]["case_id"] for i in indices]
             if batch < first or (not args.sequential and batch_is_complete(run_dir, batch, case_ids)):
                 log.info("batch %d of %d (cases %s): already done, skipped", batch, len(batches), case_ids)
             else:
-                run_batch(session, batch, indices)
+                run_batch(session, batch, indices, edits_before[batch])
                 if args.sequential:
                     save_checkpoint(run_dir, session.model, session.hp, batch)
+                    health_checks(session, edits_before[batch], indices[-1] + 1, batch,
+                                  is_last=batch == len(batches) - 1)
                 log.info("batch %d of %d (cases %s): done", batch, len(batches), case_ids)
             progress.update(len(indices))
+    if args.sequential:
+        final_scores(session, len(batches) - 1)
     # total_seconds: this invocation (a continued run's earlier, killed sessions left no end time).
     session.params.update(status="finished", finished_at=utc_now(), total_seconds=time.time() - started)
     write_json_atomic(run_dir / PARAMS_FILE, session.params)
@@ -510,7 +665,11 @@ def evaluate(session: Session) -> None:
 def main(argv=None) -> int:
     """Run the CLI; returns the exit status (2: bad input, with one message on stderr)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args, default_run = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        args, default_run = parse_args(sys.argv[1:] if argv is None else argv)
+    except UsageError as error:
+        print(f"evaluate_unified_editing: error: {error}", file=sys.stderr)
+        return 2
     if default_run:
         log.info("no arguments: running the demo %s", " ".join(DEFAULT_RUN_ARGV))
     try:

@@ -7,6 +7,11 @@ in %, GE the n-gram entropy (generation.py's reference scale) × 100 (unedited G
 tf-idf cosine × 100. Spread is the population standard deviation over cases (as np.std in the
 references). S = harmonic mean of the mean ES, PS and NS (SPEC §6).
 
+Sequential (lifelong) runs also get a table per checkpoint (number of edits → post ES/PS/NS of the cases
+edited so far, their retention ES/PS/NS re-scored at that point, each downstream metric, perplexity, the
+largest ‖W_t − W_0‖_F) and a plot of those against the number of edits, one line per run. "final" (every
+case on the model after the last batch) is summarized beside pre and post.
+
 Usage: python experiments/summarize.py RUN [RUN ...] [--csv F] [--json F] [--plot F.png] [--first_n_cases N]
 """
 import argparse
@@ -20,6 +25,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from experiments.lifelong import WEIGHT_NORMS_FILE, read_jsonl
 from experiments.metrics.counterfact import counterfact_case_scores, harmonic_mean
 from experiments.metrics.zsre import zsre_case_scores
 from util.io import atomic_path, write_json_atomic
@@ -27,7 +33,7 @@ from util.io import atomic_path, write_json_atomic
 SCALE = 100
 METRICS = ("ES", "PS", "NS", "EM", "PM", "NM", "GE", "RS")
 SCORE_PARTS = ("ES", "PS", "NS")
-SIDES = ("pre", "post")
+SIDES = ("pre", "post", "final")  # final: sequential runs only, on the model after the last batch
 CASE_SCORES = {"cf": counterfact_case_scores, "mcf": counterfact_case_scores, "zsre": zsre_case_scores}
 SCALE_NOTES = {
     "counterfact": "values ×100: ES/PS/NS, EM/PM/NM in %; GE = n-gram entropy ×100 (unedited GPT-2 XL ≈ 626); "
@@ -37,6 +43,8 @@ SCALE_NOTES = {
 PLOT_METRICS = ("ES", "PS", "NS", "S", "GE")
 RUN_DIR_RE = re.compile(r"^run_\d+$")
 CASE_FILE_RE = re.compile(r"^case_(\d+)\.json$")
+CHECKPOINT_FILE_RE = re.compile(r"^(retention|downstream)_(\d+)edits\.json$")
+DOWNSTREAM_METRICS = ("accuracy", "f1", "mcc")
 
 
 class RunError(ValueError):
@@ -112,13 +120,15 @@ def read_case(path: Path, case_scores) -> dict:
     case = read_json_object(path, CaseError)
     scores = {}
     for side in SIDES:
+        if side == "final" and side not in case:
+            continue
         if not isinstance(case.get(side), dict):
             raise CaseError(f"{path}: no {side!r} metrics object")
         try:
             scores[side] = case_scores(case[side])
         except (TypeError, KeyError, ValueError) as error:
             raise CaseError(f"{path}: {side!r} metrics do not have the expected structure ({error!r})") from None
-    return {**scores, "batch": case.get("batch"), "edit_time": case.get("edit_time"),
+    return {**scores, "case_id": case.get("case_id"), "batch": case.get("batch"), "edit_time": case.get("edit_time"),
             "num_edits": case.get("num_edits"), "sequential": case.get("sequential")}
 
 
@@ -186,8 +196,104 @@ def summarize_run(run_dir, first_n_cases=None) -> dict:
         **edit_times(cases),
     }
     for side in SIDES:
-        summary.update(metric_stats([case[side] for case in cases], side))
+        summary.update(metric_stats([case[side] for case in cases if side in case], side))
+    if summary["sequential"]:
+        summary["checkpoints"] = sequential_checkpoints(run_dir, cases)
+        summary["distance_curve"] = [
+            [line["num_edits_done"], max(m["distance_from_initial"] for m in line["matrices"].values())]
+            for line in read_jsonl(run_dir / WEIGHT_NORMS_FILE) if line.get("matrices")]
     return summary
+
+
+# ---------------------------------------------------------------- sequential runs
+
+def mean_scores(scores: list[dict], prefix: str) -> dict:
+    """{prefix_ES: mean ×100, ...} over cases for ES/PS/NS, and prefix_S, their harmonic mean."""
+    row = {}
+    for name in SCORE_PARTS:
+        values = [SCALE * case[name] for case in scores if name in case]
+        if values:
+            row[f"{prefix}_{name}"] = statistics.fmean(values)
+    if all(f"{prefix}_{name}" in row for name in SCORE_PARTS):
+        row[f"{prefix}_S"] = harmonic_mean(row[f"{prefix}_{name}"] for name in SCORE_PARTS)
+    return row
+
+
+def sequential_checkpoints(run_dir: Path, cases: list[dict]) -> list[dict]:
+    """One row per number of edits with a retention or downstream file (and the end of the run): post and
+    retention ES/PS/NS of the cases edited so far, downstream metrics ×100, perplexity, max ‖W_t − W_0‖_F."""
+    by_batch = sorted((c for c in cases if isinstance(c["batch"], int)), key=lambda c: c["batch"])
+    edits_after_batch, count = {}, 0
+    for case in by_batch:
+        count += 1
+        edits_after_batch[case["batch"]] = count
+    norms = {line["num_edits_done"]: line for line in read_jsonl(run_dir / WEIGHT_NORMS_FILE)}
+    rows = {}
+    for path in run_dir.iterdir():
+        match = CHECKPOINT_FILE_RE.match(path.name)
+        if not match:
+            continue
+        try:
+            checkpoint = read_json_object(path, CaseError)
+        except CaseError as error:
+            warn(f"skipping {error}")
+            continue
+        row = rows.setdefault(int(match.group(2)), {})
+        if match.group(1) == "retention":
+            row.update(mean_scores(list(checkpoint.get("cases", {}).values()), "retention"))
+            row["retention_seconds"] = checkpoint.get("seconds")
+            continue
+        for task, result in checkpoint.get("tasks", {}).items():
+            row.update({f"{task}_{metric}": SCALE * result[metric] for metric in DOWNSTREAM_METRICS
+                        if isinstance(result.get(metric), (int, float))})
+        row["perplexity"] = checkpoint.get("perplexity", {}).get("value")
+        row["health_seconds"] = checkpoint.get("seconds")
+    finals = [case["final"] for case in cases if "final" in case]
+    if finals and len(finals) == len(cases):  # the end of the run: "final" is the retention of every case
+        rows.setdefault(len(cases), {}).update(mean_scores(finals, "retention"))
+    table = []
+    for edits in sorted(rows):
+        edited = [case["post"] for case in by_batch if edits_after_batch[case["batch"]] <= edits]
+        row = {"edits": edits, **mean_scores(edited, "post"), **rows[edits]}
+        distances = [m["distance_from_initial"] for m in norms.get(edits, {}).get("matrices", {}).values()]
+        if distances:
+            row["max_distance_from_initial"] = max(distances)
+        table.append(row)
+    return table
+
+
+def format_checkpoints(summary: dict) -> str:
+    """The printed table of a sequential run's checkpoints (empty when it has none)."""
+    checkpoints = summary.get("checkpoints") or []
+    if not checkpoints:
+        return ""
+    tasks = []
+    for row in checkpoints:
+        tasks += [key[:-len("_accuracy")] for key in row if key.endswith("_accuracy") and
+                  key[:-len("_accuracy")] not in tasks]
+    header = ["edits", "post ES/PS/NS", "retention ES/PS/NS (S)", *(f"{t} acc/F1/MCC" for t in tasks), "ppl",
+              "max|W-W0|"]
+
+    def triple(row, prefix, names):
+        if not any(f"{prefix}{n}" in row for n in names):
+            return "-"
+        return "/".join(f"{row[f'{prefix}{n}']:.1f}" if f"{prefix}{n}" in row else "-" for n in names)
+
+    lines = [header]
+    for row in checkpoints:
+        retention = triple(row, "retention_", SCORE_PARTS)
+        if "retention_S" in row:
+            retention += f" ({row['retention_S']:.1f})"
+        ppl = row.get("perplexity")
+        distance = row.get("max_distance_from_initial")
+        lines.append([str(row["edits"]), triple(row, "post_", SCORE_PARTS), retention,
+                      *(triple(row, f"{t}_", DOWNSTREAM_METRICS) for t in tasks),
+                      "-" if ppl is None else f"{ppl:.2f}", "-" if distance is None else f"{distance:.3f}"])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = ["sequential checkpoints (ES/PS/NS and downstream ×100; ppl = WikiText-2 perplexity; "
+            "max|W-W0| = largest Frobenius distance of an edited matrix from the unedited one):"]
+    text += ["  " + "  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in lines]
+    return "\n".join(text)
 
 
 def metric_names(summary: dict) -> list[str]:
@@ -235,31 +341,51 @@ def format_table(summary: dict) -> str:
     names = metric_names(summary)
     if not names:
         return "\n".join(lines + ["  no scored cases"])
-    rows = [("metric", "pre", "post", "n")]
+    sides = [side for side in SIDES if side != "final" or any(k.startswith("final_") for k in summary)]
+    rows = [("metric", *sides, "n")]
     for name in names:
         n = summary.get(f"post_{name}_n", summary.get(f"pre_{name}_n"))
-        rows.append((name, mean_std(summary, "pre", name), mean_std(summary, "post", name), str(n)))
-    rows.append(("S", *(f"{summary[f'{side}_S']:.2f}" if f"{side}_S" in summary else "-" for side in SIDES),
+        rows.append((name, *(mean_std(summary, side, name) for side in sides), str(n)))
+    rows.append(("S", *(f"{summary[f'{side}_S']:.2f}" if f"{side}_S" in summary else "-" for side in sides),
                  "harmonic mean of ES, PS, NS means"))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(sides) + 1)]
     for row in rows:
-        lines.append(f"  {row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]}")
-    return "\n".join(lines)
+        cells = [f"{row[0]:<{widths[0]}}"] + [f"{cell:>{width}}" for cell, width in zip(row[1:-1], widths[1:])]
+        lines.append("  " + "  ".join(cells) + f"  {row[-1]}")
+    if "final" in sides:
+        lines.append("  final: every case re-scored on the model after the last batch (retention)")
+    checkpoints = format_checkpoints(summary)
+    return "\n".join(lines + ([checkpoints] if checkpoints else []))
+
+
+LIST_KEYS = ("checkpoints", "distance_curve")  # a sequential run's curves: in the JSON, not in the run CSV
 
 
 def table_columns(rows: list[dict]) -> list[str]:
     columns = []
     for row in rows:
-        columns += [key for key in row if key not in columns]
+        columns += [key for key in row if key not in columns and key not in LIST_KEYS]
     return columns
 
 
 def write_csv(rows: list[dict], path) -> None:
-    """One line per run; written to a temporary file and renamed, so a reader never sees half a table."""
+    """One line per row; written to a temporary file and renamed, so a reader never sees half a table."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=table_columns(rows), restval="")
+        writer = csv.DictWriter(f, fieldnames=table_columns(rows), restval="", extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+
+
+def checkpoint_rows(summaries: list[dict]) -> list[dict]:
+    """Every sequential run's checkpoint rows, each with its run's descriptors (for the checkpoints CSV)."""
+    return [{"run_dir": s["run_dir"], "alg": s["alg"], "model": s["model"], "num_edits": s["num_edits"], **row}
+            for s in summaries for row in s.get("checkpoints") or []]
+
+
+def sibling_path(path, suffix: str) -> Path:
+    """out.csv -> out_<suffix>.csv."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}_{suffix}{path.suffix}")
 
 
 def line_label(summary: dict, several_models: bool, several_datasets: bool) -> str:
@@ -337,6 +463,48 @@ def plot_runs(summaries: list[dict], path) -> Figure:
     return fig
 
 
+def plot_lifelong(summaries: list[dict], path) -> Figure:
+    """The lifelong papers' figures: retention ES/PS/NS/S, each downstream task's F1, perplexity and the
+    largest ‖W_t − W_0‖_F against the number of edits, one line per sequential run."""
+    runs = [s for s in summaries if s.get("checkpoints") or s.get("distance_curve")]
+    if not runs:
+        raise RunError("nothing to plot: no sequential run has checkpoints")
+    keys = [f"retention_{name}" for name in (*SCORE_PARTS, "S")]
+    keys = [k for k in keys if any(k in row for s in runs for row in s["checkpoints"])]
+    tasks = []
+    for s in runs:
+        for row in s["checkpoints"]:
+            tasks += [k for k in row if k.endswith("_f1") and k not in tasks]
+    keys += tasks + ["perplexity"] * any("perplexity" in row for s in runs for row in s["checkpoints"])
+    panels = keys + ["distance_curve"] * any(s.get("distance_curve") for s in runs)
+    columns = min(4, len(panels))
+    rows = -(-len(panels) // columns)
+    fig = Figure(figsize=(4 * columns, 3.4 * rows), layout="constrained")
+    FigureCanvasAgg(fig)
+    labels = {id(s): f"{s['alg']} ({s['num_edits']}/batch), {Path(s['run_dir']).name}" for s in runs}
+    for index, key in enumerate(panels):
+        ax = fig.add_subplot(rows, columns, index + 1)
+        for s in runs:
+            if key == "distance_curve":
+                points = s.get("distance_curve") or []
+            else:
+                points = [(row["edits"], row[key]) for row in s["checkpoints"]
+                          if isinstance(row.get(key), (int, float))]
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o" if len(points) < 30 else None,
+                        label=labels[id(s)])
+        title = {"distance_curve": "max ‖W_t − W_0‖_F (per batch)", "perplexity": "WikiText-2 perplexity"}.get(
+            key, key.replace("retention_", "retention ").replace("_f1", " macro-F1") + " (%)")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("number of edits")
+        ax.grid(True, alpha=0.3)
+    fig.axes[0].legend(fontsize=7)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=100)
+    return fig
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -351,11 +519,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("runs", nargs="+", metavar="RUN",
                         help="a run directory (results/EMMET/run_003), an algorithm directory (all its runs) "
                              "or a results root (every algorithm's runs)")
-    parser.add_argument("--csv", help="write one row per run (every metric's pre_/post_ mean, std, n; S; "
-                                      "run descriptors) to this CSV file")
+    parser.add_argument("--csv", help="write one row per run (every metric's pre_/post_/final_ mean, std, n; S; "
+                                      "run descriptors) to this CSV file; sequential runs' checkpoint rows go to "
+                                      "<name>_checkpoints.csv beside it")
     parser.add_argument("--json", help="write the same rows as a JSON list of objects to this file")
     parser.add_argument("--plot", help="write a PNG of post-edit ES/PS/NS/S (and GE) against num_edits, "
-                                       "one line per algorithm / FastMEMIT variant")
+                                       "one line per algorithm / FastMEMIT variant; for sequential runs: retention, "
+                                       "downstream F1, perplexity and max ‖W_t − W_0‖ against the number of edits, "
+                                       "one line per run (to <name>_lifelong.png when batched runs are plotted too)")
     parser.add_argument("--first_n_cases", type=positive_int,
                         help="summarize only the first N case files of each run (in case-id order)")
     return parser.parse_args(argv)
@@ -385,16 +556,27 @@ def main(argv=None) -> int:
     if args.csv:
         write_csv(summaries, args.csv)
         print(f"wrote {args.csv}")
+        if checkpoint_rows(summaries):
+            write_csv(checkpoint_rows(summaries), sibling_path(args.csv, "checkpoints"))
+            print(f"wrote {sibling_path(args.csv, 'checkpoints')}")
     if args.json:
         write_json_atomic(args.json, summaries)
         print(f"wrote {args.json}")
     if args.plot:
-        try:
-            plot_runs(summaries, args.plot)
-        except RunError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
-        print(f"wrote {args.plot}")
+        sequential = [s for s in summaries if s.get("checkpoints") or s.get("distance_curve")]
+        batched = [s for s in summaries if s not in sequential]
+        plots = []  # sequential runs: against the number of edits; batched ones: against the batch size
+        if sequential:
+            plots.append((plot_lifelong, sequential, args.plot if not batched else sibling_path(args.plot, "lifelong")))
+        if batched:
+            plots.append((plot_runs, batched, args.plot))
+        for plot, runs, path in plots:
+            try:
+                plot(runs, path)
+            except RunError as error:
+                print(f"error: {error}", file=sys.stderr)
+                return 1
+            print(f"wrote {path}")
     return 1 if skipped else 0
 
 

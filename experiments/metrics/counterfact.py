@@ -107,23 +107,29 @@ def counterfact_case_metrics(model, tok, record: dict, generation=None, batch_si
     SPEC §6 uses them). `generation`: a generation.GenerationSettings; when given, its result is
     stored under "generation".
     """
-    target_new = record_field(record, "requested_rewrite", "target_new", "str")
-    target_true = record_field(record, "requested_rewrite", "target_true", "str")
-    groups = {"rewrite_prompts": [rewrite_prompt(record)]}
-    for key in ("paraphrase_prompts", "neighborhood_prompts"):
-        if key in record:
-            groups[key] = string_list(record, key)
-
-    prefixes = [prompt for prompts in groups.values() for prompt in prompts for _ in range(2)]
-    targets = [t for prompts in groups.values() for _ in prompts for t in (target_new, target_true)]
-    nlls = iter(target_nll(model, tok, prefixes, targets, batch_size))
-    metrics = {
-        f"{key}_nll": [{"target_new": next(nlls), "target_true": next(nlls)} for _ in prompts]
-        for key, prompts in groups.items()
-    }
+    metrics = counterfact_metrics_many(model, tok, [record], batch_size)[0]
     if generation is not None:
         metrics["generation"] = generation.evaluate(model, tok, record)
     return metrics
+
+
+def counterfact_metrics_many(model, tok, records: list, batch_size=DEFAULT_BATCH_SIZE) -> list[dict]:
+    """counterfact_case_metrics (without generation) of many cases, their prompts batched together:
+    the retention re-scoring of every case edited so far."""
+    target_pairs, layouts = [], []
+    for record in records:
+        target_new = record_field(record, "requested_rewrite", "target_new", "str")
+        target_true = record_field(record, "requested_rewrite", "target_true", "str")
+        groups = {"rewrite_prompts": [rewrite_prompt(record)]}
+        for key in ("paraphrase_prompts", "neighborhood_prompts"):
+            if key in record:
+                groups[key] = string_list(record, key)
+        target_pairs += [(prompt, target) for prompts in groups.values() for prompt in prompts
+                         for target in (target_new, target_true)]
+        layouts.append({key: len(prompts) for key, prompts in groups.items()})
+    nlls = iter(target_nll(model, tok, [p for p, _ in target_pairs], [t for _, t in target_pairs], batch_size))
+    return [{f"{key}_nll": [{"target_new": next(nlls), "target_true": next(nlls)} for _ in range(count)]
+             for key, count in layout.items()} for layout in layouts]
 
 
 def counterfact_case_scores(case_metrics: dict) -> dict:
