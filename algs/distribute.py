@@ -2,7 +2,9 @@
 
 Single layer: edit layers = [L]. MEMIT spread: layers l_1 < ... < l_m, target at L = l_m; at each l_i, on
 the model as already edited below, the remaining residual at L is split evenly over the layers left.
-The objective (ROME / MEMIT / EMMET) only picks the solver's softness `rho` and the preservation matrix.
+The objective (ROME / MEMIT / EMMET / ENCORE / AlphaEdit) only picks the solver's softness `rho` and the
+preservation matrix; the lifelong switches of the hparams (add_prev_edits, nullspace_threshold) change the
+preservation matrix for every objective alike (SPEC §8).
 """
 import copy as copy_module
 import time
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from algs import keyvals
-from algs.pm_solver import FactorCache, ObjectiveParams, solve_update
+from algs.pm_solver import FactorCache, ObjectiveParams, PreservationFactor, null_space_basis, solve_update
 from algs.second_moment import SecondMoment, layer_second_moment
 from util.arch import get_module, module_names, num_layers, add_update, weight_as_out_in
 from util.models import model_identity
@@ -20,11 +22,15 @@ from util.models import model_identity
 
 
 class _LayerCache:
-    """Per model: C0 of each edited matrix (of the unedited model, as in the references) and its factors."""
+    """Per model: C0 of each edited matrix (of the unedited model, as in the references), its factors and
+    null-space projections, and the sequential edit state: S_t = Σ K Kᵀ of the keys written into each
+    matrix by earlier batches (add_prev_edits)."""
 
     def __init__(self):
         self.moments = {}
         self.factors = FactorCache()
+        self.projections = {}
+        self.prev_keys_cov = {}
 
 
 _CACHES = weakref.WeakKeyDictionary()
@@ -49,9 +55,25 @@ def orig_weights(model, hp) -> dict:
 
 
 def restore_weights(model, weights: dict) -> None:
+    """Put saved matrices back; the sequential edit state (S_t) is cleared with them, since the edits it
+    describes are gone."""
     with torch.no_grad():
         for name, weight in weights.items():
             get_module(model, name).weight.copy_(weight)
+    if model in _CACHES:
+        _CACHES[model].prev_keys_cov.clear()
+
+
+def sequential_state(model) -> dict:
+    """{rewrite module: S_t (d_k × d_k, float64, CPU)}: what a sequential checkpoint must save beside the weights."""
+    cache = _CACHES.get(model)
+    return {name: cov.detach().cpu() for name, cov in cache.prev_keys_cov.items()} if cache else {}
+
+
+def load_sequential_state(model, state: dict) -> None:
+    """Replace the model's sequential edit state by a saved one (a resumed run continues exactly)."""
+    cache = _CACHES.setdefault(model, _LayerCache())
+    cache.prev_keys_cov = {name: cov.to(torch.float64) for name, cov in state.items()}
 
 
 def second_moment_for(model, tok, hp, rewrite_module: str, stats_dir=None):
@@ -78,6 +100,29 @@ def _second_moment(cache, model, tok, hp, rewrite_module, d_k, stats_dir):
             cache.moments[key] = SecondMoment(torch.eye(d_k, dtype=torch.float64), 0, 0, "none (identity)",
                                               "not used", None)
     return cache.moments[key]
+
+
+def _null_space(cache, rewrite_module: str, moment, threshold: float):
+    """U of C0's eigenvectors below the threshold (AlphaEdit), cached with C0; None when the threshold is 0."""
+    if not threshold:
+        return None
+    key = (rewrite_module, id(moment.matrix), float(threshold))
+    if key not in cache.projections:
+        cache.projections[key] = null_space_basis(moment.matrix, threshold)
+    return cache.projections[key]
+
+
+def _preservation(cache, rewrite_module: str, moment, hp, solver: ObjectiveParams, device):
+    """The factor of P_t = λC0 + uI (+ S_t of earlier batches with add_prev_edits), in the null-space
+    coordinates when nullspace_threshold > 0. Without S_t the per-layer cached factor is reused."""
+    basis = _null_space(cache, rewrite_module, moment, hp.nullspace_threshold)
+    C0 = moment.matrix.to(device)
+    basis = None if basis is None else basis.to(device)
+    prev = cache.prev_keys_cov.get(rewrite_module) if hp.add_prev_edits else None
+    if prev is None:
+        return cache.factors.get(rewrite_module, C0, solver.mom2_update_weight, solver.update_norm_lambda, basis)
+    return PreservationFactor(C0, solver.mom2_update_weight, solver.update_norm_lambda,
+                              prev_keys_cov=prev.to(device), basis=basis)
 
 
 def _layer_moments(model, tok, hp, names, stats_dir) -> dict:
@@ -118,7 +163,7 @@ def edit_layers(model, tok, requests, hp, objective: Objective, seed: int = 0, s
               "target_optimisation": targets.info, "layers": []}
     # C0 of every edited layer before any layer changes: the statistics describe the unedited model.
     moments = _layer_moments(model, tok, hp, names, stats_dir)
-    factors = _CACHES[model].factors
+    cache = _CACHES[model]
     for i, layer in enumerate(hp.layers):
         rewrite_module = names.rewrite_module_tmp.format(layer)
         module = get_module(model, rewrite_module)
@@ -132,13 +177,19 @@ def edit_layers(model, tok, requests, hp, objective: Objective, seed: int = 0, s
             residual = (targets.targets - current) / (len(hp.layers) - i)
 
         moment = moments[layer]
-        factor = factors.get(rewrite_module, moment.matrix, objective.solver.mom2_update_weight,
-                                   objective.solver.update_norm_lambda)
-        delta, diagnostics = solve_update(residual.T, keys.averaged.T, factor, objective.solver.rho,
-                                          K_c=None if constraint_keys is keys.averaged else constraint_keys.T)
+        key_matrix = keys.averaged.T.to(moment.matrix.device)
+        factor = _preservation(cache, rewrite_module, moment, hp, objective.solver, moment.matrix.device)
+        delta, diagnostics = solve_update(residual.T.to(key_matrix.device), key_matrix, factor,
+                                          objective.solver.rho,
+                                          K_c=None if constraint_keys is keys.averaged else
+                                          constraint_keys.T.to(key_matrix.device))
+        if hp.add_prev_edits:  # S_t of the next batch: these keys join the preserved ones
+            written = key_matrix.to(torch.float64) @ key_matrix.to(torch.float64).mT
+            previous = cache.prev_keys_cov.get(rewrite_module)
+            cache.prev_keys_cov[rewrite_module] = (written.cpu() if previous is None else previous + written.cpu())
         stats_info = {"corpus": moment.corpus, "n_tokens": moment.n_tokens, "cache": moment.cache}
         weight = weight_as_out_in(module)
-        add_update(module, delta.to(weight.dtype))
+        add_update(module, delta.to(device=weight.device, dtype=weight.dtype))
         report["layers"].append({"layer": layer, "module": rewrite_module, "statistics": stats_info,
                                  "solver": diagnostics, "weight_norm": weight.norm().item()})
     report["seconds"] = time.time() - started

@@ -100,7 +100,7 @@ def apply_matrix(module, keys: torch.Tensor) -> torch.Tensor:
 class TargetResult:
     targets: torch.Tensor  # (B, d): h_init + delta at the target module, subject token of the bare prompt
     initial: torch.Tensor  # (B, d): h_init
-    info: list  # per request: final losses and the number of Adam updates
+    info: list  # per request: final losses, Adam updates, why it stopped, the first all-argmax step
 
 
 def compute_targets(model, tok, target_module: str, requests, templates, hp, max_requests=16,
@@ -134,8 +134,11 @@ class TargetCache:
 
     def __init__(self, cache_dir, model_key, target_module, templates, hp):
         self.dir = Path(cache_dir) / target_module
+        hparams = {k: getattr(hp, k) for k in self.HPARAM_KEYS}
+        if hp.prob_cutoff:  # MPES changes where the optimisation stops (absent when off: older keys stay valid)
+            hparams["prob_cutoff"] = hp.prob_cutoff
         self.base = {"model": model_key, "target_module": target_module, "templates": templates,
-                     "hparams": {k: getattr(hp, k) for k in self.HPARAM_KEYS}, "version": 1}
+                     "hparams": hparams, "version": 1}
 
     def _path_and_key(self, request):
         key = json.dumps({**self.base, "request": {k: request[k] for k in ("prompt", "subject", "target_new")}},
@@ -207,7 +210,10 @@ def _optimise_targets(model, tok, target_module, requests, templates, hp) -> Tar
     delta = torch.zeros_like(initial, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=hp.v_lr)
     active = torch.ones(n_req, dtype=torch.bool, device=device)
-    info = [{"updates": 0} for _ in requests]  # Adam updates applied before the final loss
+    # updates: Adam updates applied before the final loss; first_argmax_step: the first step at which every
+    # target token of every rewrite prompt was the argmax (what MPES would stop on), None if never.
+    info = [{"updates": 0, "first_argmax_step": None} for _ in requests]
+    argmax_streak = torch.zeros(n_req, dtype=torch.long, device=device)
     edit = {target_module: lambda hidden: add_at_positions(hidden, torch.arange(len(sequences), device=device),
                                                            lookup, delta[owner_t])}
     with frozen(model):
@@ -222,10 +228,20 @@ def _optimise_targets(model, tok, target_module, requests, templates, hp) -> Tar
             kl = hp.kl_factor * (kl_now.exp() * (kl_now - kl_init)).sum(-1)
             weight_decay = hp.v_weight_decay * delta.norm(dim=1) / initial.norm(dim=1) ** 2
             loss = nll + kl + weight_decay
+            with torch.no_grad():
+                all_argmax = _all_targets_argmax(log_probs, label_ids, label_rows, owner_t, n_req)
+                argmax_streak = torch.where(all_argmax, argmax_streak + 1, torch.zeros_like(argmax_streak))
+                mpes_stop = _mpes_stop(hp.prob_cutoff, argmax_streak, row_nll, n_req, len(flat_templates))
             for j in torch.nonzero(active).flatten().tolist():
                 info[j].update(updates=step, loss=loss[j].item(), nll=nll[j].item(), kl=kl[j].item(),
                                weight_decay=weight_decay[j].item())
-            active &= loss.detach() >= EARLY_STOP_LOSS
+                if all_argmax[j] and info[j]["first_argmax_step"] is None:
+                    info[j]["first_argmax_step"] = step
+                if mpes_stop[j]:
+                    info[j]["stopped_by"] = "mpes"
+                elif loss[j] < EARLY_STOP_LOSS:
+                    info[j]["stopped_by"] = "loss"
+            active &= (loss.detach() >= EARLY_STOP_LOSS) & ~mpes_stop
             if step == hp.v_num_grad_steps - 1 or not active.any():
                 break
             optimizer.zero_grad()
@@ -238,3 +254,22 @@ def _optimise_targets(model, tok, target_module, requests, templates, hp) -> Tar
                 scale = torch.where(norms > max_norms, max_norms / norms.clamp_min(1e-12), torch.ones_like(norms))
                 delta.mul_(scale[:, None])
     return TargetResult(initial + delta.detach(), initial, info)
+
+
+def _all_targets_argmax(log_probs, label_ids, label_rows, owner_t, n_req) -> torch.Tensor:
+    """(n_req,) bool: every target token of every rewrite prompt of the request is the model's argmax."""
+    wrong = (log_probs.argmax(-1) != label_ids).long()
+    wrong_per_request = torch.zeros(n_req, dtype=torch.long, device=wrong.device).index_add(
+        0, owner_t[label_rows], wrong)
+    return wrong_per_request == 0
+
+
+def _mpes_stop(prob_cutoff: float, argmax_streak, row_nll, n_req: int, n_templates: int) -> torch.Tensor:
+    """Most-probable early stopping (ENCORE, SPEC §8), per request: prob_cutoff = -k stops after k
+    consecutive steps with every target token the argmax; prob_cutoff = p > 0 stops once the mean over the
+    rewrite prompts of p(target) = exp(-mean token NLL) exceeds p; 0 never stops."""
+    if prob_cutoff < 0:
+        return argmax_streak >= int(-prob_cutoff)
+    if prob_cutoff > 0:
+        return torch.exp(-row_nll.detach()).view(n_req, n_templates).mean(1) > prob_cutoff
+    return torch.zeros(n_req, dtype=torch.bool, device=argmax_streak.device)

@@ -21,9 +21,17 @@ How each objective's hparams map to (P, ρ) — objective_params() does this, th
   The reference adds emmet_lambda·I to D built from λC0 + uI, which is exactly this ρ; on the unscaled
   D = K_Eᵀ C0⁻¹ K_E (u = 0) it is a ridge of emmet_lambda·λ. Without a ridge λ cancels.
 
-No explicit inverses: P is Cholesky-factorised once per layer (FactorCache), the small system is solved
-with Cholesky/LU; a singular or ill-conditioned system falls back to an SVD pseudo-solve, recorded in the
-diagnostics.
+Lifelong regularisers (SPEC §8) change only the preservation matrix:
+- Earlier-edit preservation (ENCORE add_prev_edits): P_t = λ·C0 + u·I + S_t, S_t = Σ earlier K Kᵀ.
+- Null-space projection (AlphaEdit): the update is restricted to Δ = Δ' Uᵀ, U the eigenvectors of C0 whose
+  eigenvalues are below a threshold (so Δk = 0 for every k in the kept eigenspace, where generic text's keys
+  live). In those coordinates the same objective is solved with keys UᵀK and preservation UᵀP_tU. For the
+  least-squares objective this is exactly AlphaEdit's Δ = R Kᵀ Q ((P_t − uI + K Kᵀ) Q + uI)⁻¹, Q = U Uᵀ
+  (multiply out: Q (A Q + uI)⁻¹ = U (UᵀAU + uI)⁻¹ Uᵀ); with λ = 0 and u = L2 it is the paper's formula.
+
+No explicit inverses: P is Cholesky-factorised once per layer (FactorCache; with S_t ≠ 0 it is re-factored
+for each batch, see PreservationFactor), the small system is solved with Cholesky/LU; a singular or
+ill-conditioned system falls back to an SVD pseudo-solve, recorded in the diagnostics.
 """
 import math
 from dataclasses import dataclass
@@ -95,10 +103,31 @@ class SvdPseudoSolver:
         return self.Vh.mT @ (self.s_inv[:, None] * (self.U.mT @ X))
 
 
-class PreservationFactor:
-    """P = λ·C0 + u·I, factorised once per layer; solve(X) = P⁻¹X by cholesky_solve (SVD if P is not PD)."""
+def null_space_basis(C0: torch.Tensor, threshold: float) -> torch.Tensor:
+    """U (d_k, r): orthonormal eigenvectors of C0 (float64 eigh, unscaled) with eigenvalue < threshold."""
+    if not threshold > 0:
+        raise ValueError(f"nullspace_threshold must be > 0, got {threshold}")
+    C0_64 = C0.to(torch.float64)
+    eigenvalues, eigenvectors = torch.linalg.eigh((C0_64 + C0_64.mT) / 2)
+    basis = eigenvectors[:, eigenvalues < threshold]
+    if basis.shape[1] == 0:
+        raise ValueError(f"no eigenvalue of C0 is below nullspace_threshold {threshold} (smallest "
+                         f"{eigenvalues.min().item():.3g}): the projected update would be zero; raise the threshold")
+    return basis
 
-    def __init__(self, C0: torch.Tensor, mom2_update_weight: float, update_norm_lambda: float = 0.0):
+
+class PreservationFactor:
+    """P = λ·C0 + u·I (+ S_t), factorised once; solve(X) = P⁻¹X by cholesky_solve (SVD if P is not PD).
+
+    prev_keys_cov: S_t of earlier edits (add_prev_edits). It changes after every batch, so a factor with it
+    is built anew for each batch (one Cholesky of d_k × d_k, exact). A Woodbury update of the cached
+    λC0 + uI factor would need every earlier key kept (d_k × N_prev, unbounded) and costs more than
+    re-factoring once N_prev passes ~d_k^(2/3); S_t itself is kept as one d_k × d_k matrix.
+    basis: U (d_k, r) of a null-space projection; then P is UᵀPU (r × r) and keys must be given as UᵀK.
+    """
+
+    def __init__(self, C0: torch.Tensor, mom2_update_weight: float, update_norm_lambda: float = 0.0,
+                 prev_keys_cov: torch.Tensor = None, basis: torch.Tensor = None):
         if C0.ndim != 2 or C0.shape[0] != C0.shape[1]:
             raise ValueError(f"C0 must be a square (d_k, d_k) matrix, got shape {tuple(C0.shape)}")
         if mom2_update_weight < 0 or update_norm_lambda < 0 or mom2_update_weight + update_norm_lambda == 0:
@@ -113,7 +142,9 @@ class PreservationFactor:
         self.C0 = C0
         self.mom2_update_weight = float(mom2_update_weight)
         self.update_norm_lambda = float(update_norm_lambda)
-        self.d_k = C0.shape[0]
+        self.prev_keys_cov = prev_keys_cov
+        self.basis = None if basis is None else basis.to(device=C0.device, dtype=torch.float64)
+        self.d_k = C0.shape[0] if basis is None else basis.shape[1]  # the dimension P acts on
         self.device = C0.device
         P = self.matrix()
         L, info = torch.linalg.cholesky_ex(P)
@@ -129,8 +160,12 @@ class PreservationFactor:
     def matrix(self) -> torch.Tensor:
         """P in float64, rebuilt from C0 (not kept, to halve the memory for large d_k); C0 must stay unchanged."""
         C0_64 = self.C0.to(torch.float64)
-        eye = torch.eye(self.d_k, dtype=torch.float64, device=self.device)
-        return self.mom2_update_weight * (C0_64 + C0_64.mT) / 2 + self.update_norm_lambda * eye
+        P = self.mom2_update_weight * (C0_64 + C0_64.mT) / 2
+        if self.prev_keys_cov is not None:
+            P = P + self.prev_keys_cov.to(device=self.device, dtype=torch.float64)
+        if self.basis is not None:
+            P = self.basis.mT @ P @ self.basis
+        return P + self.update_norm_lambda * torch.eye(self.d_k, dtype=torch.float64, device=self.device)
 
     def solve(self, X: torch.Tensor) -> torch.Tensor:
         X = X.to(torch.float64)
@@ -150,11 +185,15 @@ class FactorCache:
         self._entries = {}
 
     def get(self, layer_name: str, C0: torch.Tensor, mom2_update_weight: float,
-            update_norm_lambda: float = 0.0) -> PreservationFactor:
-        key = (layer_name, float(mom2_update_weight), float(update_norm_lambda), id(C0), C0._version)
+            update_norm_lambda: float = 0.0, basis: torch.Tensor = None) -> PreservationFactor:
+        """The factor of λC0 + uI (in the null-space coordinates of `basis` when given); `basis` is held
+        by the entry like C0, so its id stays unique while cached."""
+        key = (layer_name, float(mom2_update_weight), float(update_norm_lambda), id(C0), C0._version,
+               None if basis is None else (id(basis), basis._version))
         if key not in self._entries:
-            self._entries[key] = PreservationFactor(C0, mom2_update_weight, update_norm_lambda)
-        return self._entries[key]
+            self._entries[key] = (PreservationFactor(C0, mom2_update_weight, update_norm_lambda, basis=basis),
+                                  basis)
+        return self._entries[key][0]
 
     def clear(self) -> None:
         self._entries.clear()
@@ -199,8 +238,9 @@ def _check_inputs(R, K_d, K_c, factor, rho):
             raise ValueError(f"{name} is on {t.device} but the preservation factor (C0) is on {factor.device}")
         if not torch.isfinite(t).all():
             raise ValueError(f"{name} contains inf/nan")
-    if K_d.shape[0] != factor.d_k:
-        raise ValueError(f"keys have d_k = {K_d.shape[0]} but C0 is {factor.d_k} x {factor.d_k}")
+    d_k = factor.d_k if factor.basis is None else factor.basis.shape[0]
+    if K_d.shape[0] != d_k:
+        raise ValueError(f"keys have d_k = {K_d.shape[0]} but C0 is {d_k} x {d_k}")
     if K_c.shape != K_d.shape:
         raise ValueError(f"K_c {tuple(K_c.shape)} must have the shape of K_d {tuple(K_d.shape)}")
     if R.shape[1] != K_d.shape[1]:
@@ -221,6 +261,10 @@ def solve_update(R: torch.Tensor, K_d: torch.Tensor, factor: PreservationFactor,
     _check_inputs(R, K_d, K_c, factor, rho)
     R, K_d, K_c = (t.to(torch.float64) for t in (R, K_d, K_c))
     rho = float(rho)
+    if factor.basis is not None:  # solve for Δ' in the null-space coordinates; Δ = Δ' Uᵀ below
+        full_K_c = K_c
+        K_d = factor.basis.mT @ K_d
+        K_c = K_d if same_keys else factor.basis.mT @ K_c
     B, d_k = K_d.shape[1], factor.d_k
     if form == "auto":
         form = "bxb" if (B < d_k or rho == 0 or not same_keys) else "dkxdk"
@@ -245,13 +289,17 @@ def solve_update(R: torch.Tensor, K_d: torch.Tensor, factor: PreservationFactor,
         delta = Y.mT
         cond_A = cond
 
+    if factor.basis is not None:
+        delta, K_c = delta @ factor.basis.mT, full_K_c
     residual = torch.linalg.norm(delta @ K_c - R).item()
     R_norm = torch.linalg.norm(R).item()
     fallbacks = [f for f in (factor.fallback, fallback) if f is not None]
     diagnostics = {
         "form": form,
         "B": B,
-        "d_k": d_k,
+        "d_k": K_c.shape[0],
+        "projected_dim": None if factor.basis is None else d_k,
+        "prev_edits": factor.prev_keys_cov is not None,
         "d_v": R.shape[0],
         "rho": rho,
         "mom2_update_weight": factor.mom2_update_weight,

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from util import globals as G
 from util.arch import get_module, is_conv1d
+from util.errors import InputError
 from util.tracing import run_until, trace_modules
 from util.io import write_tensors_atomic
 
@@ -102,8 +103,27 @@ def _local_files(path: Path) -> list[Path]:
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in LOCAL_SUFFIXES)
         if files:
             return files
-        raise ValueError(f"corpus directory {path} holds no {'/'.join(LOCAL_SUFFIXES)} files")
-    raise FileNotFoundError(f"corpus {str(path)!r} is neither a file, a directory, nor one of {sorted(HUB_CORPORA)}")
+        raise InputError(f"no {'/'.join(LOCAL_SUFFIXES)} files", f"the statistics corpus directory {path}",
+                         "put the corpus text there, or pass another corpus (hparams mom2_dataset, --stats_corpus)")
+    raise InputError(f"statistics corpus {str(path)!r} not found", "hparams mom2_dataset / --stats_corpus",
+                     f"give a text file, a directory of {'/'.join(LOCAL_SUFFIXES)} files, or one of "
+                     f"{sorted(HUB_CORPORA)}")
+
+
+def read_corpus_file(path: Path) -> str:
+    """A local corpus file's text; an error naming the file when it is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise InputError(f"text that is not UTF-8 ({error.reason} at byte {error.start})", f"corpus file {path}",
+                         "convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8) or leave it out of the corpus") from None
+
+
+def check_corpus(corpus: str) -> None:
+    """Before a model loads: a local corpus exists and is UTF-8 text (a hub corpus is checked when it loads)."""
+    if corpus not in HUB_CORPORA:
+        for path in _local_files(Path(corpus).expanduser().resolve()):
+            read_corpus_file(path)
 
 
 def corpus_sources(corpus: str, pool_articles: int) -> list[CorpusSource]:
@@ -159,7 +179,7 @@ def load_articles(corpus: str, sources: list[CorpusSource]) -> tuple[CorpusSourc
     """Articles of the first source of `corpus` that loads, and that source."""
     source = sources[0]
     if source.local_files:
-        articles = [a for f in source.local_files for a in split_articles(f.read_text(encoding="utf-8"))]
+        articles = [a for f in source.local_files for a in split_articles(read_corpus_file(f))]
         if not articles:
             raise ValueError(f"corpus {source.description} holds no text")
         return source, articles

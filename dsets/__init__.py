@@ -4,6 +4,8 @@ from dsets.download import DatasetNotFound, locate
 from dsets.knowns import KnownsDataset
 from dsets.snippets import AttributeSnippets, get_tfidf_vectorizer
 from dsets.zsre import MENDQADataset
+from util.checks import check_request
+from util.errors import InputError
 
 # Exact names only: "cf" must never match "mcf" (a substring test in the references did).
 DATASETS = {
@@ -14,10 +16,24 @@ DATASETS = {
 
 
 def load_records(ds_name: str, data_dir=None, size: int | None = None):
-    """The dataset named `ds_name` (a Sequence of edit records with a `.source` dict)."""
+    """The dataset named `ds_name` (a Sequence of edit records with a `.source` dict), every record checked."""
     if ds_name not in DATASETS:
         raise ValueError(f"unknown dataset {ds_name!r}; valid names: {', '.join(sorted(DATASETS))}")
-    return DATASETS[ds_name](data_dir=data_dir, size=size)
+    records = DATASETS[ds_name](data_dir=data_dir, size=size)
+    check_records(records, ds_name)
+    return records
+
+
+def check_records(records, ds_name: str) -> None:
+    """At least one record, and each one's requested_rewrite a well-formed edit request: a run of a bad
+    record would edit the wrong position or nothing, and a run of none would "finish" with no results."""
+    where = ", ".join(records.source["paths"])
+    if not len(records):
+        skipped = records.source.get("skipped_no_template", 0)
+        why = f" ({skipped} skipped: the subject is not in the prompt, or it has braces)" if skipped else ""
+        raise InputError(f"no usable {ds_name} records{why}", where, "give a dataset with at least one usable record")
+    for record in records:
+        check_request(record["requested_rewrite"], f"{where} case_id {record['case_id']}")
 
 __all__ = ["AttributeSnippets", "CounterFactDataset", "DATASETS", "DatasetNotFound", "KnownsDataset", "MENDQADataset",
            "MultiCounterFactDataset", "get_tfidf_vectorizer", "load_records", "locate"]

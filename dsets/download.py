@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 from util import globals as G
+from util.errors import InputError
 from util.io import atomic_path, read_json
 
 log = logging.getLogger(__name__)
@@ -24,20 +25,16 @@ _TRUE_WORDS = ("1", "true", "yes")
 _FALSE_WORDS = ("", "0", "false", "no")
 
 
-class DatasetNotFound(FileNotFoundError):
+class DatasetNotFound(InputError, FileNotFoundError):
     """A data file is neither in the data directory nor downloadable; the message says how to provide it."""
 
     def __init__(self, what: str, looked: list, url: str | None, failure: str):
-        self.what = what
         self.looked = [str(p) for p in looked]
         self.url = url
         self.failure = failure
-        places = "\n".join(f"  {p}" for p in self.looked)
-        super().__init__(
-            f"{what} not found. Looked in:\n{places}\n{failure}\n"
-            f"To provide it: put the file in one of those places, or point the data directory at a folder "
-            f"that has it with --data_dir or the KE_DATA_DIR environment variable."
-        )
+        InputError.__init__(self, f"{what} not found", ", ".join(self.looked),
+                            f"{failure} Put the file in one of those places, or point the data directory at a folder "
+                            f"that has it with --data_dir or the KE_DATA_DIR environment variable")
 
     def widened(self, what: str, more_places: list) -> "DatasetNotFound":
         """The same failure after also looking in `more_places` (fallback sources)."""
@@ -71,14 +68,16 @@ def download_atomic(url: str, path: Path) -> None:
 def read_json_file(path: Path):
     try:
         return read_json(path)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error}); a partial copy? delete it and provide it again") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"invalid JSON ({error})", str(path), "a partial copy? delete it and provide it again") \
+            from None
 
 
 def read_json_list(path: Path) -> list:
     data = read_json_file(path)
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+        raise InputError(f"a JSON {type(data).__name__} instead of a list of records", str(path),
+                         "give a JSON list of records")
     return data
 
 

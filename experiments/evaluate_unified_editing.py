@@ -20,31 +20,40 @@ matrices after every batch (weight_norms.jsonl), and optionally the edited model
 --model_save_interval).
 """
 import argparse
+import hashlib
 import json
 import logging
 import platform
+import signal
 import subprocess
 import sys
+import threading
 import time
+import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+
+if __name__ == "__main__":  # run as a script: import the packages beside this file, never another checkout's
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from algs import ALGORITHMS, get_algorithm
-from algs.distribute import orig_weights, prepare_unedited, restore_weights
-from algs.second_moment import HUB_CORPORA, CorpusUnavailable
+from algs.distribute import load_sequential_state, orig_weights, prepare_unedited, restore_weights, sequential_state
+from algs.second_moment import HUB_CORPORA, CorpusUnavailable, check_corpus
 from experiments import lifelong
 from dsets import DATASETS, AttributeSnippets, DatasetNotFound, get_tfidf_vectorizer, load_records
 from experiments.metrics.counterfact import counterfact_case_metrics
 from experiments.metrics.generation import GenerationSettings
 from experiments.metrics.zsre import zsre_case_metrics
 from util import globals as G
-from util.arch import get_module, module_names, num_layers
-from util.io import new_run_dir, read_json, write_json_atomic, write_tensors_atomic
+from util.checks import check_hparams_fit
+from util.errors import INPUT_ERROR_STATUS, InputError, describe, one_line, report
+from util.io import new_run_dir, read_json, remove_temp_leftovers, write_json_atomic, write_tensors_atomic
 from util.models import DTYPES, EMBEDDED_ALIAS, load_model, model_identity
 
 log = logging.getLogger("evaluate_unified_editing")
@@ -65,9 +74,13 @@ DEFAULT_DOWNSTREAM_TASKS = "sst2,mrpc,cola,rte,mmlu"
 PERPLEXITY_CHUNK_TOKENS = 256  # WikiText-2 test chunks of this many tokens (fewer if the model's context is shorter)
 TRUE_WORDS = ("true", "1", "yes")
 FALSE_WORDS = ("false", "0", "no")
+PROG = "evaluate_unified_editing"
+INTERRUPTED_STATUS = 130  # the shell's status for Ctrl-C
+FAILED_STATUS = 1  # an unexpected error during the run (not bad input)
+STOP_KEYS = ("stopped_at", "error", "error_traceback")  # why the last session stopped; cleared on resume
 
 
-class UsageError(ValueError):
+class UsageError(InputError):
     """Bad input the user can fix; main() prints the message and exits with status 2."""
 
 
@@ -113,8 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="evaluate_unified_editing.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Summarize a finished run with: python experiments/summarize.py <run_dir>")
     parser.add_argument("--alg_name", required=True, choices=sorted(ALGORITHMS),
-                        help="editing algorithm: ROME (one fact at a time), MEMIT (batch, least squares) or "
-                             "EMMET (batch, equality constrained)")
+                        help="editing algorithm: ROME (one fact at a time), MEMIT (batch, least squares), "
+                             "EMMET (batch, equality constrained), ENCORE (MEMIT + norm constraint, earlier-edit "
+                             "preservation, MPES early stopping) or AlphaEdit (MEMIT projected onto C0's null space)")
     parser.add_argument("--model_name", required=True,
                         help=f"hub id (e.g. gpt2-xl), a local model directory, or '{EMBEDDED_ALIAS}' (the embedded "
                              "SmolLM2-135M, no download needed)")
@@ -197,6 +211,7 @@ def parse_args(argv: list) -> tuple[argparse.Namespace, bool]:
     default_run = not argv
     args = build_parser().parse_args(DEFAULT_RUN_ARGV if default_run else argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(args.device)
     args.results_dir = str(Path(args.results_dir or G.results_dir()).expanduser().resolve())
     args.stats_dir = str(Path(args.stats_dir or G.stats_dir()).expanduser().resolve())
     if args.stats_corpus is not None and Path(args.stats_corpus).expanduser().exists():
@@ -217,6 +232,25 @@ def parse_args(argv: list) -> tuple[argparse.Namespace, bool]:
         raise UsageError(f"{', '.join(lifelong_options)} need --sequential: batched mode restores the original "
                          f"weights after every batch, so there is no edited model to check or save")
     return args, default_run
+
+
+def check_device(device: str) -> None:
+    """--device names a device torch can use on this machine (else the model load fails with a traceback)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"{device!r} is not a torch device", "--device", "give cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"CUDA is not available on this machine (torch {torch.__version__})", f"--device {device}",
+                         "use --device cpu, or leave --device out (cuda when available, else cpu)")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"there are {torch.cuda.device_count()} CUDA devices", f"--device {device}",
+                         f"give cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("MPS is not available on this machine", f"--device {device}", "use --device cpu")
+    if parsed.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"device type {parsed.type!r} is not supported", f"--device {device}",
+                         "give cpu, cuda, cuda:N or mps")
 
 
 # ---------------------------------------------------------------- inputs
@@ -266,17 +300,7 @@ def max_positions(model) -> int:
 
 def check_model_fits(model, hp, path: Path, args) -> None:
     """The hparams' layers exist in this model and v_loss_layer is its last layer (else: hparams of another model)."""
-    n_layers = num_layers(model)
-    if max(hp.layers) >= n_layers or hp.v_loss_layer != n_layers - 1:
-        raise UsageError(f"{path}: layers {hp.layers} / v_loss_layer {hp.v_loss_layer} do not fit {args.model_name}, "
-                         f"which has {n_layers} layers (v_loss_layer must be {n_layers - 1}); is this hparams file "
-                         f"for another model?")
-    try:
-        names = module_names(model, hp.module_overrides())
-        for layer in hp.layers:
-            get_module(model, names.rewrite_module_tmp.format(layer))
-    except ValueError as error:  # an architecture without a table entry, or module names of another model
-        raise UsageError(f"{path}: {error}") from None
+    check_hparams_fit(model, hp, f"{path} (for {args.model_name})")
 
 
 def generation_plan(args, records, data_dir: Path) -> tuple:
@@ -296,7 +320,7 @@ def generation_plan(args, records, data_dir: Path) -> tuple:
         info["reference_snippets"] = str(snippets.path)
         settings = GenerationSettings(snippets.by_relation, vectorizer, seed=args.seed)
     except DatasetNotFound as missing:
-        info["reference_score_skipped"] = f"{missing.what} not found: {missing.failure}"
+        info["reference_score_skipped"] = f"{missing.what}: {missing.failure}"
         log.warning("consistency RS will be skipped: %s (fluency GE is still computed)",
                     info["reference_score_skipped"])
         settings = GenerationSettings(seed=args.seed)
@@ -338,8 +362,23 @@ def check_resume(run_dir: Path, stored: dict, now: dict) -> None:
     differing = [key for key in now if as_json(stored.get(key)) != as_json(now[key])]
     if differing:
         details = "; ".join(f"{key}: the run has {stored.get(key)!r}, now {now[key]!r}" for key in differing)
-        raise UsageError(f"cannot continue {run_dir}: it was made with different settings ({details}); "
-                         f"start a new run instead")
+        raise UsageError(f"settings differ from the run's ({details})", str(run_dir / PARAMS_FILE),
+                         "repeat the run's flags and hparams, or start a new run without --continue_from_run")
+
+
+def dataset_fingerprint(records) -> str:
+    """Hash of the records a run edits, in order: a resumed run must edit the same ones."""
+    return hashlib.sha256(json.dumps(list(records), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_resume_dataset(run_dir: Path, stored: dict, fingerprint: str) -> None:
+    """Refuse to continue a run whose records changed (old and new cases would be mixed in one run)."""
+    if "dataset_fingerprint" not in stored:
+        log.warning("%s predates dataset fingerprints: cannot check that its records are unchanged", run_dir)
+    elif stored["dataset_fingerprint"] != fingerprint:
+        raise UsageError(f"the dataset's records changed since the run started (fingerprint "
+                         f"{stored['dataset_fingerprint']}, now {fingerprint})", str(run_dir / PARAMS_FILE),
+                         "restore the dataset file the run used, or start a new run without --continue_from_run")
 
 
 def resumed_run(args) -> tuple[Path, dict]:
@@ -376,13 +415,19 @@ def batch_is_complete(run_dir: Path, batch: int, case_ids: list) -> bool:
     return True
 
 
+STATE_PREFIX = "state::"  # checkpoint tensors of the sequential edit state (S_t per layer), beside the weights
+
+
 def save_checkpoint(run_dir: Path, model, hp, batch: int) -> None:
-    """The edited matrices after `batch` (sequential mode), with that batch's index."""
-    write_tensors_atomic(run_dir / CHECKPOINT_FILE, orig_weights(model, hp), {"last_batch": str(batch)})
+    """The edited matrices after `batch` (sequential mode) and the edit state (earlier edits' key
+    covariances), in one file so that they always belong together, with that batch's index."""
+    state = {STATE_PREFIX + name: tensor for name, tensor in sequential_state(model).items()}
+    write_tensors_atomic(run_dir / CHECKPOINT_FILE, {**orig_weights(model, hp), **state}, {"last_batch": str(batch)})
 
 
 def load_checkpoint(run_dir: Path, model, hp) -> int:
-    """Put the checkpoint's edited matrices into the model; the index of the last batch they hold (-1: none)."""
+    """Put the checkpoint's edited matrices and edit state into the model; the index of the last batch they
+    hold (-1: none)."""
     path = run_dir / CHECKPOINT_FILE
     if not path.exists():
         return -1
@@ -390,12 +435,15 @@ def load_checkpoint(run_dir: Path, model, hp) -> int:
     try:
         with safe_open(str(path), framework="pt") as f:
             last_batch = int((f.metadata() or {})["last_batch"])
-            weights = {name: f.get_tensor(name) for name in f.keys()}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError, KeyError, ValueError) as error:
         raise UsageError(f"{path} is unreadable ({type(error).__name__}: {error}); start a new run") from None
+    weights = {name: t for name, t in tensors.items() if not name.startswith(STATE_PREFIX)}
     if {name: weight.shape for name, weight in weights.items()} != expected:
         raise UsageError(f"{path} holds {sorted(weights)}, not the matrices this edit changes {sorted(expected)}")
     restore_weights(model, weights)
+    load_sequential_state(model, {name[len(STATE_PREFIX):]: t for name, t in tensors.items()
+                                  if name.startswith(STATE_PREFIX)})
     return last_batch
 
 
@@ -475,14 +523,32 @@ def run_batch(session: Session, batch: int, indices: list, edits_done: int) -> N
     norms = lifelong.weight_norms(orig_weights(session.model, session.hp), session.initial_weights, saved)
     if not args.sequential:
         restore_weights(session.model, saved)
-    for record, (pre_metrics, generation_test), post_metrics, edit in zip(
-            records, pre, post, case_edit_reports(report, len(requests))):
-        write_json_atomic(case_path(run_dir, record["case_id"]), {
-            "case_id": record["case_id"], "batch": batch, "batch_case_ids": case_ids, "num_edits": args.num_edits,
-            "sequential": args.sequential, "requested_rewrite": record["requested_rewrite"], "edit_time": edit_time,
-            "generation_test": generation_test, "pre": pre_metrics, "post": post_metrics, "edit": edit})
-    lifelong.record_weight_norms(run_dir, {"batch": batch, "num_edits_done": edits_done + len(indices),
-                                           "case_ids": case_ids, "edit_time": edit_time, "matrices": norms})
+    with interrupts_deferred():  # a batch's files are written as a whole
+        for record, (pre_metrics, generation_test), post_metrics, edit in zip(
+                records, pre, post, case_edit_reports(report, len(requests))):
+            write_json_atomic(case_path(run_dir, record["case_id"]), {
+                "case_id": record["case_id"], "batch": batch, "batch_case_ids": case_ids,
+                "num_edits": args.num_edits, "sequential": args.sequential,
+                "requested_rewrite": record["requested_rewrite"], "edit_time": edit_time,
+                "generation_test": generation_test, "pre": pre_metrics, "post": post_metrics, "edit": edit})
+        lifelong.record_weight_norms(run_dir, {"batch": batch, "num_edits_done": edits_done + len(indices),
+                                               "case_ids": case_ids, "edit_time": edit_time, "matrices": norms})
+
+
+@contextmanager
+def interrupts_deferred():
+    """Ctrl-C (SIGINT) inside the block takes effect when it ends, so the run stops between writes."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread can handle signals
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 # ---------------------------------------------------------------- sequential checkpoints
@@ -548,15 +614,19 @@ def prepare(args, default_run: bool) -> Session:
     hp = hparams_class.from_json(path)
     hparams_from_file = hp.to_dict()
     records, data_dir = load_dataset(args, default_run)
+    fingerprint = dataset_fingerprint(records)
     args.data_dir = str(data_dir)
     log.info("data dir: %s", data_dir)
     if args.stats_corpus is None and default_run:
         args.stats_corpus = demo_stats_corpus(hp.mom2_dataset, [data_dir, G.data_dir()])
     if args.stats_corpus is not None:
         hp.mom2_dataset = args.stats_corpus
+    if hp.mom2_adjustment:
+        check_corpus(hp.mom2_dataset)
     if args.continue_from_run is not None:  # fail before the (slow) model load where possible
         check_resume(run_dir, {**stored["args"], "hparams": stored.get("hparams")},
                      {**{key: vars(args)[key] for key in RESULT_ARGS}, "hparams": hparams_from_file})
+        check_resume_dataset(run_dir, stored, fingerprint)
 
     log.info("dataset %s: %d cases from %s", args.ds_name, len(records), records.source)
     health_data_dirs = list(dict.fromkeys(str(d) for d in (data_dir, G.data_dir(), SHARED_DATA_DIR)))
@@ -595,7 +665,8 @@ def prepare(args, default_run: bool) -> Session:
         "alg_name": args.alg_name, "model_name": args.model_name, "model_id": model_id,
         "model_revision": model_revision, "hparams_fname": str(path), "hparams": hparams_from_file,
         "args": vars(args).copy(), "seed": args.seed, "ds_name": args.ds_name, "dataset_source": records.source,
-        "num_cases": len(records), "versions": library_versions(), "git_commit": git_commit(),
+        "num_cases": len(records), "dataset_fingerprint": fingerprint, "versions": library_versions(),
+        "git_commit": git_commit(),
         "device": args.device, "dtype": args.dtype,
         "stats_corpus": hp.mom2_dataset if hp.mom2_adjustment else None, "generation": generation_info,
         "default_run": default_run, "statistics": {}, "downstream": health_info, "started_at": utc_now(),
@@ -606,8 +677,10 @@ def prepare(args, default_run: bool) -> Session:
         run_dir = new_run_dir(Path(args.results_dir) / args.alg_name)
     else:
         check_resume(run_dir, stored, {key: params[key] for key in RESULT_PARAMS})
-        params = {**stored, "status": "running", "resumed_at": stored.get("resumed_at", []) + [utc_now()]}
+        params = {**{key: value for key, value in stored.items() if key not in STOP_KEYS}, "status": "running",
+                  "resumed_at": stored.get("resumed_at", []) + [utc_now()]}
         lifelong.remove_leftovers(run_dir)  # half-written files of a killed run (never read)
+        remove_temp_leftovers(run_dir)
     write_json_atomic(run_dir / PARAMS_FILE, params)
     log.info("run dir: %s", run_dir)
     return Session(args, hp, apply, model, tok, records, generation, generation_info, run_dir, params,
@@ -662,28 +735,57 @@ def evaluate(session: Session) -> None:
     write_json_atomic(run_dir / PARAMS_FILE, session.params)
 
 
+def stop_run(session: Session, status: str, what: str, exit_status: int, details: str | None = None) -> int:
+    """The run stopped before its end: say so in params.json (when it can still be written) and tell how to go on."""
+    run_dir = session.run_dir
+    session.params.update(status=status, stopped_at=utc_now(), error=what,
+                          **({"error_traceback": details} if details else {}))
+    try:
+        write_json_atomic(run_dir / PARAMS_FILE, session.params)
+    except OSError as error:
+        log.warning("could not record the stop in %s: %s", run_dir / PARAMS_FILE, error)
+    kept = "finished batches are kept" + ("; the traceback is in params.json" if details else "")
+    return report(PROG, f"{what} in {run_dir}: {kept}; to go on, run the same command with "
+                        f"--continue_from_run {run_dir.name}", exit_status)
+
+
+def run_evaluation(session: Session) -> int:
+    """evaluate(), with every way it can stop turned into a status in params.json and one line on stderr."""
+    try:
+        evaluate(session)
+    except KeyboardInterrupt:
+        return stop_run(session, "interrupted", "interrupted (Ctrl-C)", INTERRUPTED_STATUS)
+    except InputError as error:  # e.g. a sequential checkpoint that cannot be continued: its message says what to do
+        session.params.update(status="failed", stopped_at=utc_now(), error=one_line(error))
+        write_json_atomic(session.run_dir / PARAMS_FILE, session.params)
+        return report(PROG, error)
+    except OSError as error:  # the results directory became unwritable, the disk is full, ...
+        reason = f"cannot write {error.filename or 'a results file'} ({error.strerror or error})"
+        return stop_run(session, "failed", reason, INPUT_ERROR_STATUS)
+    except Exception as error:  # an error inside the edit loop: still a message and a resumable run
+        return stop_run(session, "failed", f"{type(error).__name__}: {one_line(error)}", FAILED_STATUS,
+                        traceback.format_exc())
+    print(f"Results: {session.run_dir}\nSummarize them with: python experiments/summarize.py {session.run_dir}")
+    return 0
+
+
 def main(argv=None) -> int:
-    """Run the CLI; returns the exit status (2: bad input, with one message on stderr)."""
+    """Run the CLI; returns the exit status (2: bad input, with one message on stderr; 130: Ctrl-C)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args, default_run = parse_args(sys.argv[1:] if argv is None else argv)
-    except UsageError as error:
-        print(f"evaluate_unified_editing: error: {error}", file=sys.stderr)
-        return 2
+    except InputError as error:
+        return report(PROG, error)
     if default_run:
         log.info("no arguments: running the demo %s", " ".join(DEFAULT_RUN_ARGV))
     try:
         session = prepare(args, default_run)
     except (ValueError, OSError, CorpusUnavailable) as error:  # HparamsError, DatasetNotFound, UsageError, ...
-        print(f"evaluate_unified_editing: error: {error}", file=sys.stderr)
-        return 2
-    try:
-        evaluate(session)
-    except UsageError as error:  # a sequential checkpoint that cannot be continued
-        print(f"evaluate_unified_editing: error: {error}", file=sys.stderr)
-        return 2
-    print(f"Results: {session.run_dir}\nSummarize them with: python experiments/summarize.py {session.run_dir}")
-    return 0
+        return report(PROG, error)
+    except KeyboardInterrupt:
+        return report(PROG, "interrupted (Ctrl-C) in the set-up: nothing was edited; run the command again",
+                      INTERRUPTED_STATUS)
+    return run_evaluation(session)
 
 
 if __name__ == "__main__":

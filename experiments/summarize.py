@@ -22,6 +22,9 @@ import statistics
 import sys
 from pathlib import Path
 
+if __name__ == "__main__":  # run as a script: import the packages beside this file, never another checkout's
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 

@@ -17,8 +17,13 @@ Example: python scripts/benchmark.py --only solver --dks 1024 4096 --threads 2
 import argparse
 import dataclasses
 import functools
+import sys
 import tempfile
 import time
+from pathlib import Path
+
+if __name__ == "__main__":  # run as a script: import the packages beside this file, never another checkout's
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 

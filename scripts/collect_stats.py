@@ -6,7 +6,11 @@ Example (offline, embedded model, local WikiText-2):
 """
 import argparse
 import logging
+import sys
 from pathlib import Path
+
+if __name__ == "__main__":  # run as a script: import the packages beside this file, never another checkout's
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from algs.second_moment import layer_second_moment
 from util.arch import module_names

@@ -9,8 +9,13 @@ Target vectors are cached on disk, so configurations sharing a target layer and 
 import argparse
 import json
 import logging
+import sys
 import tempfile
 import time
+from pathlib import Path
+
+if __name__ == "__main__":  # run as a script: import the packages beside this file, never another checkout's
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from algs import get_algorithm
 from algs.distribute import orig_weights, restore_weights

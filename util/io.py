@@ -6,7 +6,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 
 @contextmanager
@@ -17,7 +17,10 @@ def atomic_path(path, suffix: str = ".tmp"):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    except OSError as error:  # name the file that could not be written, not the temporary one
+        raise OSError(error.errno, error.strerror, str(path)) from None
     os.close(fd)
     try:
         yield Path(tmp)
@@ -35,9 +38,21 @@ def write_json_atomic(path, obj, indent: int = 1) -> None:
 
 
 def write_tensors_atomic(path, tensors: dict, metadata: dict | None = None) -> None:
-    """Save tensors (moved to CPU) as safetensors, atomically."""
+    """Save tensors (moved to CPU) as safetensors, atomically. Serialized in memory and written through
+    atomic_path: safetensors' save_file would write a hidden temporary file of its own, which a kill leaves."""
+    data = save({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, metadata=metadata)
     with atomic_path(path) as tmp:
-        save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, str(tmp), metadata=metadata)
+        tmp.write_bytes(data)
+
+
+SAFETENSORS_TEMP_GLOB = ".tmp*"  # what an interrupted safetensors save_file left (older runs of this code)
+
+
+def remove_temp_leftovers(folder) -> None:
+    """Remove the hidden temporary files a killed safetensors save_file left in `folder` (never read)."""
+    for leftover in Path(folder).glob(SAFETENSORS_TEMP_GLOB):
+        if leftover.is_file():
+            leftover.unlink()
 
 
 def read_json(path):

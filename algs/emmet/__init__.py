@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from algs.distribute import Objective, apply_to_model
 from algs.hparams import EditHparams
 from algs.pm_solver import objective_params
+from util.checks import check_edit_inputs
 
 
 @dataclass
@@ -17,6 +18,8 @@ class EMMETHyperParams(EditHparams):
 
 def apply_emmet_to_model(model, tok, requests, hparams: EMMETHyperParams, copy=False, return_orig_weights=False,
                          **kwargs):
+    check_edit_inputs(model, requests, hparams, "apply_emmet_to_model")
+
     def objective(batch_size):
         return Objective("EMMET", objective_params("emmet", batch_size, hparams.mom2_update_weight,
                                                    emmet_lambda=hparams.emmet_lambda,

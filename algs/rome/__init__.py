@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 from algs.distribute import Objective, apply_to_model
 from algs.hparams import EditHparams
 from algs.pm_solver import objective_params
+from util.checks import check_edit_inputs
 
 
 @dataclass
@@ -16,6 +17,8 @@ class ROMEHyperParams(EditHparams):
 
 def apply_rome_to_model(model, tok, requests, hparams: ROMEHyperParams, copy=False, return_orig_weights=False,
                         **kwargs):
+    check_edit_inputs(model, requests, hparams, "apply_rome_to_model")
+
     def objective(batch_size):
         return Objective("ROME", objective_params("rome", batch_size, 1.0, update_norm_lambda=hparams.update_norm_lambda),
                          flat_templates=True, value_at_mlp=True, consistent_keys=hparams.consistent_keys)

@@ -1,0 +1,32 @@
+"""AlphaEdit (Fang et al., ICLR 2025): MEMIT's least-squares objective with the update projected onto the
+null space of C0 (nullspace_threshold) and earlier edits preserved (add_prev_edits, its "cache_c").
+
+The projection is AlphaEdit's preservation term: with it on, λC0 is not in the solve (as in the paper and
+its code) and the ridge is L2 (+ update_norm_lambda), giving Δ = R Kᵀ Q ((S_t + K Kᵀ) Q + L2·I)⁻¹. With
+the projection off the λC0 preservation of MEMIT is used, so with every switch off AlphaEdit is MEMIT.
+"""
+from dataclasses import dataclass
+
+from algs.distribute import Objective, apply_to_model
+from algs.hparams import EditHparams
+from algs.pm_solver import objective_params
+
+
+@dataclass
+class AlphaEditHyperParams(EditHparams):
+    add_prev_edits: bool = True
+    nullspace_threshold: float = 2e-2
+    L2: float = 10.0  # ridge on the projected update (AlphaEdit's name for it)
+
+
+def apply_alphaedit_to_model(model, tok, requests, hparams: AlphaEditHyperParams, copy=False,
+                             return_orig_weights=False, **kwargs):
+    mom2_update_weight = 0.0 if hparams.nullspace_threshold > 0 else hparams.mom2_update_weight
+
+    def objective(batch_size):
+        return Objective("AlphaEdit", objective_params("memit", batch_size, mom2_update_weight,
+                                                       update_norm_lambda=hparams.L2 + hparams.update_norm_lambda),
+                         flat_templates=False, value_at_mlp=False)
+
+    return apply_to_model(model, tok, requests, hparams, objective, copy=copy,
+                          return_orig_weights=return_orig_weights, **kwargs)
