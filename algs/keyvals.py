@@ -3,6 +3,7 @@
 Context templates come in groups: a key is the mean over groups of the mean within each group.
 Group 0 is always ["{}"] (ROME's flat average puts all templates in one group that starts with "{}").
 """
+import copy
 import hashlib
 import json
 import logging
@@ -16,7 +17,7 @@ from safetensors import safe_open
 from util.generate import generate_texts
 from util.io import write_tensors_atomic
 from util.tokens import pad_batch, prompt_token_ids, subject_token_index, target_token_ids
-from util.tracing import add_at_positions, frozen, run_until, trace_modules
+from util.tracing import add_at_positions, cache_keyword, frozen, output_cache, run_until, trace_modules
 
 log = logging.getLogger(__name__)
 TEMPLATE_START_WORDS = ("The", "Therefore", "Because", "I", "You")
@@ -165,7 +166,80 @@ class TargetCache:
                              metadata={"key": key, "info": json.dumps(result.info[0])})
 
 
-def _optimise_targets(model, tok, target_module, requests, templates, hp) -> TargetResult:
+class _FullRows:
+    """The baseline forward of the target optimisation: every row, every token, every step."""
+
+    def __init__(self, model, tok, sequences, lookup, target_module):
+        self.model, self.target_module = model, target_module
+        self.batch = pad_batch(tok, sequences, "right", device=model.device)
+        self.n_rows = len(sequences)
+        self.offsets = torch.zeros(len(sequences), dtype=torch.long, device=model.device)
+        self.lookup = torch.tensor(lookup, device=model.device)
+
+    def forward(self, rows, vectors=None):
+        """Logits of all rows (`rows` is always every row here); `vectors[i]` added at the subject token of
+        row i at the target module's output. Returns (logits, the target module's output)."""
+        edit = {} if vectors is None else {self.target_module: lambda hidden: add_at_positions(
+            hidden, torch.arange(self.n_rows, device=hidden.device), self.lookup, vectors)}
+        with trace_modules(self.model, [self.target_module], retain_output=vectors is None, edit_output=edit) as tr:
+            logits = self.model(**self.batch).logits
+        return logits, tr[self.target_module].output
+
+
+class _CachedRows:
+    """The same forward computing only what the optimised vector can change (issue: prefix caching).
+
+    The vector is added at the subject's last token at the target module, so with causal attention every
+    token before it gives the same keys and values at every step: they run once (no grad), left-padded so
+    that every row's suffix starts at the same cache position, and each step runs only the suffix (the
+    subject's last token, the rest of the prompt, the target) of the rows still being optimised, on a copy
+    of that cache. Positions are given explicitly; the attention mask covers prefix pads. A row whose subject
+    ends at its first token has no prefix: in the prefix pass it sees one pad token (so no attention row is
+    empty), which the suffix pass masks out like every other pad.
+    """
+
+    def __init__(self, model, tok, sequences, lookup, target_module):
+        self.model, self.target_module = model, target_module
+        device = model.device
+        self.offsets = torch.tensor(lookup, device=device)  # suffix position = full position - offset
+        width = max(max(lookup), 1)
+        prefix_ids = torch.full((len(sequences), width), tok.pad_token_id, dtype=torch.long)
+        prefix_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        suffixes = [ids[start:] for ids, start in zip(sequences, lookup)]
+        for row, (ids, start) in enumerate(zip(sequences, lookup)):
+            if start:
+                prefix_ids[row, width - start:] = torch.tensor(ids[:start], dtype=torch.long)
+                prefix_mask[row, width - start:] = 1
+        pass_mask = prefix_mask.clone()
+        pass_mask[:, -1] = 1  # rows without a prefix attend to one pad in the prefix pass only
+        positions = (pass_mask.cumsum(1) - 1).clamp_min(0)
+        suffix = pad_batch(tok, suffixes, "right")
+        suffix_positions = self.offsets.cpu()[:, None] + torch.arange(suffix["input_ids"].shape[1])[None]
+        self.suffix_ids = suffix["input_ids"].to(device)
+        self.mask = torch.cat([prefix_mask, suffix["attention_mask"]], 1).to(device)
+        self.suffix_positions = suffix_positions.to(device)
+        with torch.no_grad():
+            out = model(input_ids=prefix_ids.to(device), attention_mask=pass_mask.to(device),
+                        position_ids=positions.to(device), use_cache=True)
+        self.prefix = output_cache(out)
+        self.cache_keyword = cache_keyword(model)
+
+    def forward(self, rows, vectors=None):
+        cache = copy.deepcopy(self.prefix)
+        if len(rows) < self.suffix_ids.shape[0]:
+            cache.batch_select_indices(rows)
+        edit = {} if vectors is None else {self.target_module: lambda hidden: add_at_positions(
+            hidden, torch.arange(len(rows), device=hidden.device), torch.zeros_like(rows), vectors)}
+        with trace_modules(self.model, [self.target_module], retain_output=vectors is None, edit_output=edit) as tr:
+            logits = self.model(input_ids=self.suffix_ids[rows], attention_mask=self.mask[rows],
+                                position_ids=self.suffix_positions[rows], use_cache=True,
+                                **{self.cache_keyword: cache}).logits
+        return logits, tr[self.target_module].output
+
+
+def _optimise_targets(model, tok, target_module, requests, templates, hp, prefix_cache=True) -> TargetResult:
+    """prefix_cache=False: the baseline, every token of every row at every step (same targets up to float
+    rounding; tests compare the two)."""
     flat_templates = [t for group in templates for t in group]
     sequences, lookup, owner, label_spans, kl_rows = [], [], [], [], []
     for j, request in enumerate(requests):
@@ -185,25 +259,27 @@ def _optimise_targets(model, tok, target_module, requests, templates, hp) -> Tar
         owner.append(j)
 
     device = model.device
-    batch = pad_batch(tok, sequences, "right", device=device)
+    cached = prefix_cache
+    rows = (_CachedRows if cached else _FullRows)(model, tok, sequences, lookup, target_module)
     n_req, n_rewrite = len(requests), len(requests) * len(flat_templates)
     owner_t = torch.tensor(owner, device=device)
-    label_rows, label_pos, label_ids, label_owner = [], [], [], []
+    label_rows, label_pos, label_ids = [], [], []
     for row, (first, ids) in enumerate(label_spans):
         label_rows += [row] * len(ids)
         label_pos += list(range(first, first + len(ids)))
         label_ids += ids
-        label_owner += [owner[row]] * len(ids)
     label_rows, label_pos, label_ids = (torch.tensor(x, device=device) for x in (label_rows, label_pos, label_ids))
+    label_pos = label_pos - rows.offsets[label_rows]
     tokens_per_row = torch.tensor([len(ids) for _, ids in label_spans], device=device, dtype=torch.float32)
     kl_rows_t = torch.tensor(kl_rows, device=device)
-    kl_pos = torch.tensor([lookup[r] for r in kl_rows], device=device)
+    kl_pos = torch.tensor([lookup[r] for r in kl_rows], device=device) - rows.offsets[kl_rows_t]
     bare_rows = torch.arange(n_req, device=device) * len(flat_templates)  # template 0 is "{}"
-    bare_pos = torch.tensor([lookup[r] for r in bare_rows.tolist()], device=device)
+    bare_pos = torch.tensor([lookup[r] for r in bare_rows.tolist()], device=device) - rows.offsets[bare_rows]
+    all_rows = torch.arange(len(sequences), device=device)
 
-    with torch.no_grad(), trace_modules(model, [target_module]) as tr:
-        logits = model(**batch).logits
-    initial = tr[target_module].output[bare_rows, bare_pos].float()
+    with torch.no_grad():
+        logits, target_output = rows.forward(all_rows)
+    initial = target_output[bare_rows, bare_pos].float()
     kl_init = torch.log_softmax(logits[kl_rows_t, kl_pos].float(), -1)
     max_norms = hp.clamp_norm_factor * initial.norm(dim=1)
 
@@ -214,22 +290,27 @@ def _optimise_targets(model, tok, target_module, requests, templates, hp) -> Tar
     # target token of every rewrite prompt was the argmax (what MPES would stop on), None if never.
     info = [{"updates": 0, "first_argmax_step": None} for _ in requests]
     argmax_streak = torch.zeros(n_req, dtype=torch.long, device=device)
-    edit = {target_module: lambda hidden: add_at_positions(hidden, torch.arange(len(sequences), device=device),
-                                                           lookup, delta[owner_t])}
     with frozen(model):
         for step in range(hp.v_num_grad_steps):
-            with trace_modules(model, [target_module], retain_output=False, edit_output=edit):
-                logits = model(**batch).logits
-            log_probs = torch.log_softmax(logits[label_rows, label_pos].float(), -1)
-            token_nll = -log_probs.gather(1, label_ids[:, None])[:, 0]
-            row_nll = torch.zeros(n_rewrite, device=device).index_add(0, label_rows, token_nll) / tokens_per_row
+            # The baseline runs every row; the cached path only the rows of requests still optimised.
+            present = all_rows if not cached else all_rows[active[owner_t]]
+            slot = torch.full((len(sequences),), -1, dtype=torch.long, device=device)
+            slot[present] = torch.arange(len(present), device=device)
+            logits, _ = rows.forward(present, delta[owner_t[present]])
+            labels = active[owner_t[label_rows]] if cached else torch.ones_like(label_rows, dtype=torch.bool)
+            log_probs = torch.log_softmax(logits[slot[label_rows[labels]], label_pos[labels]].float(), -1)
+            token_nll = -log_probs.gather(1, label_ids[labels][:, None])[:, 0]
+            row_nll = torch.zeros(n_rewrite, device=device).index_add(0, label_rows[labels], token_nll) / tokens_per_row
             nll = row_nll.view(n_req, len(flat_templates)).mean(1)
-            kl_now = torch.log_softmax(logits[kl_rows_t, kl_pos].float(), -1)
-            kl = hp.kl_factor * (kl_now.exp() * (kl_now - kl_init)).sum(-1)
+            kl_present = active if cached else torch.ones_like(active)
+            kl_now = torch.log_softmax(logits[slot[kl_rows_t[kl_present]], kl_pos[kl_present]].float(), -1)
+            kl = torch.zeros(n_req, device=device).index_put(
+                (torch.nonzero(kl_present).flatten(),),
+                hp.kl_factor * (kl_now.exp() * (kl_now - kl_init[kl_present])).sum(-1))
             weight_decay = hp.v_weight_decay * delta.norm(dim=1) / initial.norm(dim=1) ** 2
             loss = nll + kl + weight_decay
             with torch.no_grad():
-                all_argmax = _all_targets_argmax(log_probs, label_ids, label_rows, owner_t, n_req)
+                all_argmax = _all_targets_argmax(log_probs, label_ids[labels], label_rows[labels], owner_t, n_req)
                 argmax_streak = torch.where(all_argmax, argmax_streak + 1, torch.zeros_like(argmax_streak))
                 mpes_stop = _mpes_stop(hp.prob_cutoff, argmax_streak, row_nll, n_req, len(flat_templates))
             for j in torch.nonzero(active).flatten().tolist():

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dsets.download import REMOTE_DSETS, DatasetNotFound, locate, read_json_list, resolve_data_dir
+from util.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def template_from_sentence(sentence: str, subject: str) -> str | None:
 def check_rome_record(record, where: str) -> None:
     """Raise a clear error when a record lacks what the evaluator relies on."""
     def fail(what):
-        raise ValueError(f"{where}: {what} (expected the ROME CounterFact schema)")
+        raise InputError(what, where, "give records in the ROME CounterFact schema")
 
     if not isinstance(record, dict) or not isinstance(record.get("case_id"), int):
         fail("record is not a dict with an integer case_id")
@@ -68,7 +69,8 @@ def read_rome_files(paths: list) -> list:
         for i, record in enumerate(read_json_list(path)):
             check_rome_record(record, f"{path} record {i}")
             if record["case_id"] in seen:
-                raise ValueError(f"case_id {record['case_id']} appears twice: {seen[record['case_id']]} and {path}")
+                raise InputError(f"case_id {record['case_id']} appears twice", f"{seen[record['case_id']]} and {path}",
+                                 "give every record its own case_id")
             seen[record["case_id"]] = path
             records.append(record)
     if len(paths) > 1:

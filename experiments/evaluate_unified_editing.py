@@ -51,8 +51,8 @@ from experiments.metrics.counterfact import counterfact_case_metrics
 from experiments.metrics.generation import GenerationSettings
 from experiments.metrics.zsre import zsre_case_metrics
 from util import globals as G
-from util.checks import check_hparams_fit
-from util.errors import INPUT_ERROR_STATUS, InputError, describe, one_line, report
+from util.checks import check_device, check_hparams_fit
+from util.errors import INPUT_ERROR_STATUS, InputError, one_line, report
 from util.io import new_run_dir, read_json, remove_temp_leftovers, write_json_atomic, write_tensors_atomic
 from util.models import DTYPES, EMBEDDED_ALIAS, load_model, model_identity
 
@@ -96,24 +96,21 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected one of {'/'.join(TRUE_WORDS + FALSE_WORDS)}, got {text!r}")
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def int_at_least(minimum: int, what: str):
+    """An argparse type: an integer >= minimum."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {value}")
+        return value
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
+positive_int = int_at_least(1, "positive")
+non_negative_int = int_at_least(0, "non-negative")
 
 
 def add_bool(parser, name: str, help_text: str) -> None:
@@ -232,25 +229,6 @@ def parse_args(argv: list) -> tuple[argparse.Namespace, bool]:
         raise UsageError(f"{', '.join(lifelong_options)} need --sequential: batched mode restores the original "
                          f"weights after every batch, so there is no edited model to check or save")
     return args, default_run
-
-
-def check_device(device: str) -> None:
-    """--device names a device torch can use on this machine (else the model load fails with a traceback)."""
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"{device!r} is not a torch device", "--device", "give cpu, cuda, cuda:N or mps") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"CUDA is not available on this machine (torch {torch.__version__})", f"--device {device}",
-                         "use --device cpu, or leave --device out (cuda when available, else cpu)")
-    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
-        raise UsageError(f"there are {torch.cuda.device_count()} CUDA devices", f"--device {device}",
-                         f"give cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    if parsed.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("MPS is not available on this machine", f"--device {device}", "use --device cpu")
-    if parsed.type not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"device type {parsed.type!r} is not supported", f"--device {device}",
-                         "give cpu, cuda, cuda:N or mps")
 
 
 # ---------------------------------------------------------------- inputs

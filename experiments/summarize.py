@@ -17,6 +17,7 @@ Usage: python experiments/summarize.py RUN [RUN ...] [--csv F] [--json F] [--plo
 import argparse
 import csv
 import json
+import os
 import re
 import statistics
 import sys
@@ -31,8 +32,10 @@ from matplotlib.figure import Figure
 from experiments.lifelong import WEIGHT_NORMS_FILE, read_jsonl
 from experiments.metrics.counterfact import counterfact_case_scores, harmonic_mean
 from experiments.metrics.zsre import zsre_case_scores
+from util.errors import InputError, report
 from util.io import atomic_path, write_json_atomic
 
+PROG = "summarize"
 SCALE = 100
 METRICS = ("ES", "PS", "NS", "EM", "PM", "NM", "GE", "RS")
 SCORE_PARTS = ("ES", "PS", "NS")
@@ -535,15 +538,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_output_path(path, flag: str) -> None:
+    """An output file can be written: not a directory, and its nearest existing folder writable (checked
+    before any run is read, so a typo costs nothing)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise InputError(f"{path} is a directory", flag, "give a file name, e.g. out/summary" + path.suffix)
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise InputError(f"cannot write into {folder}", f"{flag} {path}", "give a path in a writable folder")
+
+
 def main(argv=None) -> int:
+    """Exit status: 0; 1 when a run was skipped; 2 with one line on stderr for bad input or unwritable output."""
     args = parse_args(argv)
-    run_dirs = []
     try:
-        for run in args.runs:
-            run_dirs += [path for path in find_runs(run) if path not in run_dirs]
-    except RunError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        for flag, path in (("--csv", args.csv), ("--json", args.json), ("--plot", args.plot)):
+            if path:
+                check_output_path(path, flag)
+        return summarize_and_write(args)
+    except (RunError, InputError) as error:
+        return report(PROG, error)
+    except OSError as error:  # an output folder that became unwritable, a full disk
+        return report(PROG, error)
+
+
+def summarize_and_write(args) -> int:
+    run_dirs = []
+    for run in args.runs:
+        run_dirs += [path for path in find_runs(run) if path not in run_dirs]
     summaries, skipped = [], 0
     for run_dir in run_dirs:
         try:
@@ -554,8 +579,7 @@ def main(argv=None) -> int:
             continue
         print(format_table(summaries[-1]), end="\n\n")
     if not summaries:
-        print("error: no run could be summarized", file=sys.stderr)
-        return 1
+        return report(PROG, "no run could be summarized (see the warnings above)", 1)
     if args.csv:
         write_csv(summaries, args.csv)
         print(f"wrote {args.csv}")
@@ -577,7 +601,7 @@ def main(argv=None) -> int:
             try:
                 plot(runs, path)
             except RunError as error:
-                print(f"error: {error}", file=sys.stderr)
+                report(PROG, error)
                 return 1
             print(f"wrote {path}")
     return 1 if skipped else 0

@@ -5,18 +5,23 @@ Example (offline, embedded model, local WikiText-2):
       --corpus ../shared/data/wikitext-2
 """
 import argparse
+import json
 import logging
+import math
 import sys
 from pathlib import Path
 
 if __name__ == "__main__":  # run as a script: import the packages beside this file, never another checkout's
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from algs.second_moment import layer_second_moment
-from util.arch import module_names
+from algs.second_moment import FORWARD_DTYPES, check_corpus, layer_second_moment
+from util.arch import module_names, num_layers
+from util.checks import check_device
+from util.errors import InputError, report
 from util.io import read_json
 from util.models import load_model, model_identity
 
+PROG = "collect_stats"
 REQUIRED_KEYS = ("layers", "mom2_dataset", "mom2_n_samples", "mom2_dtype")
 
 
@@ -39,33 +44,81 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def read_hparams(path: Path) -> dict:
-    hparams = read_json(path)
-    missing = [key for key in REQUIRED_KEYS if key not in hparams]
-    if hparams.get("dynamic", False) and "dynamic_multiplier" not in hparams:
-        missing.append("dynamic_multiplier")
-    if missing:
-        raise SystemExit(f"{path}: missing key(s) {missing}")
-    if not isinstance(hparams.get("dynamic", False), bool):
-        raise SystemExit(f"{path}: 'dynamic' must be true or false, got {hparams['dynamic']!r}")
+def read_hparams_file(path: Path) -> dict:
+    """The file's JSON object; an error naming the file when it is absent, not JSON or not an object."""
+    try:
+        hparams = read_json(path)
+    except FileNotFoundError:
+        raise InputError("file not found", str(path), "pass an existing hparams JSON file to --hparams") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"invalid JSON ({error})", str(path), "fix the file (an hparams JSON object)") from None
+    if not isinstance(hparams, dict):
+        raise InputError(f"a JSON {type(hparams).__name__} instead of an object", str(path),
+                         "give an hparams JSON object")
     return hparams
 
 
-def main(argv=None):
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_statistics_keys(hparams: dict, where: str) -> None:
+    """The keys collect_stats reads, in type and range (a string "24" would be read as layers 2 and 4)."""
+    layers, multiplier = hparams["layers"], hparams.get("dynamic_multiplier", 1)
+    checks = (
+        ("layers", isinstance(layers, list) and layers and all(is_int(x) and x >= 0 for x in layers),
+         "a non-empty list of layer numbers, e.g. [17]"),
+        ("mom2_n_samples", is_int(hparams["mom2_n_samples"]) and hparams["mom2_n_samples"] > 0, "a positive integer"),
+        ("mom2_dtype", hparams["mom2_dtype"] in FORWARD_DTYPES, f"one of {sorted(FORWARD_DTYPES)}"),
+        ("mom2_dataset", isinstance(hparams["mom2_dataset"], str) and hparams["mom2_dataset"].strip(),
+         "'wikipedia', 'wikitext-103' or a local text path"),
+        ("dynamic", isinstance(hparams.get("dynamic", False), bool), "true or false"),
+        ("dynamic_multiplier", isinstance(multiplier, (int, float)) and not isinstance(multiplier, bool)
+         and math.isfinite(multiplier) and multiplier > 0, "a positive number"),
+        ("rewrite_module_tmp", isinstance(hparams.get("rewrite_module_tmp", ""), (str, type(None))),
+         "a module name template such as 'transformer.h.{}.mlp.c_proj'"),
+    )
+    for key, ok, fix in checks:
+        if not ok:
+            raise InputError(f"key {key!r} is {hparams.get(key)!r}", where, f"give {fix}")
+
+
+def read_hparams(path: Path) -> dict:
+    hparams = read_hparams_file(path)
+    missing = [key for key in REQUIRED_KEYS if key not in hparams]
+    if hparams.get("dynamic", False) is True and "dynamic_multiplier" not in hparams:
+        missing.append("dynamic_multiplier")
+    if missing:
+        raise InputError(f"missing key(s) {missing}", str(path), "add them (see --help for what is read)")
+    check_statistics_keys(hparams, str(path))
+    return hparams
+
+
+def main(argv=None) -> int:
+    """Exit status: 0, or 2 with one line on stderr for bad input."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         collect(args)
     except (ValueError, RuntimeError, OSError) as error:  # bad input: a message, not a traceback
-        raise SystemExit(f"collect_stats: {error}")
+        return report(PROG, error)
+    return 0
 
 
 def collect(args):
     hparams = read_hparams(args.hparams)
+    if args.layers and min(args.layers) < 0:
+        raise InputError(f"layers {args.layers}", "--layers", "give layer numbers from 0")
+    check_device(args.device)
+    check_corpus(args.corpus or hparams["mom2_dataset"])
     model, tok = load_model(args.model_name, device=args.device, dtype=hparams["mom2_dtype"])
+    layers = args.layers or hparams["layers"]
+    if max(layers) >= num_layers(model):
+        raise InputError(f"layers {layers} do not fit {args.model_name}", f"{args.hparams} / --layers",
+                         f"give layers below {num_layers(model)} (hparams of another model?)")
     names = module_names(model, {"rewrite_module_tmp": hparams.get("rewrite_module_tmp")})
     model_id, revision = model_identity(model)
-    for layer in args.layers or hparams["layers"]:
+    for layer in layers:
         stats = layer_second_moment(
             model, tok, names.rewrite_module_tmp.format(layer),
             corpus=args.corpus or hparams["mom2_dataset"],
@@ -80,4 +133,4 @@ def collect(args):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

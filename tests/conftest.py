@@ -1,5 +1,8 @@
-"""Shared fixtures: tiny random models of each supported architecture, tokenizers, ../shared data."""
+"""Shared fixtures: tiny random models of each supported architecture, tokenizers, ../shared data; and a hook
+that fails a test when our own code triggers a FutureWarning or DeprecationWarning."""
 import os
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,45 @@ from util.models import EMBEDDED_ALIAS, embedded_model_dir, load_model, prepare_
 
 SHARED_DIR = Path(os.environ.get("KE_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 TINY_ARCHS = ("gpt2", "gptj", "gpt_neox", "llama")
+OUR_PACKAGES = ("algs", "dsets", "experiments", "util")
+REPO_DIR = str(Path(__file__).resolve().parents[1])
+DEPRECATIONS = (FutureWarning, DeprecationWarning)
+
+
+def nearest_project_module() -> str | None:
+    """The module name of the innermost frame on the stack that belongs to this checkout (not a library's,
+    nor this hook's own)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if filename.startswith(REPO_DIR) and "site-packages" not in filename and filename != __file__:
+            return frame.f_globals.get("__name__", "")
+        frame = frame.f_back
+    return None
+
+
+def caused_by_our_code(category) -> bool:
+    """A deprecation whose nearest project caller is in algs/dsets/experiments/util: an API we must stop using
+    (libraries attribute their warnings to themselves, so pytest's module filters cannot see this)."""
+    module = nearest_project_module() if issubclass(category, DEPRECATIONS) else None
+    return module is not None and module.split(".")[0] in OUR_PACKAGES
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Inside pytest's own warning capture: raise such a warning where it is issued, so the test fails."""
+    recorded = warnings._showwarnmsg_impl
+
+    def show(message):
+        if caused_by_our_code(message.category):
+            raise message.message
+        recorded(message)
+
+    warnings._showwarnmsg_impl = show
+    try:
+        return (yield)
+    finally:
+        warnings._showwarnmsg_impl = recorded
 
 
 def shared_path(*parts) -> Path:

@@ -256,6 +256,19 @@ def wait_for(paths, process, log_path, timeout=180.0):
         time.sleep(0.02)
 
 
+def run_and_kill(argv, written, log_path, entry=("-m", "experiments.evaluate_unified_editing"), cwd=REPO_ROOT):
+    """Start the CLI in a subprocess (one thread) and SIGKILL it as soon as every path in `written` exists."""
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen([sys.executable, *entry, *argv], cwd=cwd, stdout=log_file, stderr=log_file,
+                                   env={**os.environ, "KE_NO_DOWNLOAD": "1", "OMP_NUM_THREADS": "1"})
+        try:
+            wait_for(written, process, log_path)
+            process.send_signal(signal.SIGKILL)
+        finally:
+            process.kill()
+            process.wait()
+
+
 @pytest.mark.parametrize("mode", ["batched", "sequential"])
 def test_killed_run_continues_with_every_case_exactly_once(ws, tmp_path, mode, request):
     uninterrupted = request.getfixturevalue(f"{mode}_run")
@@ -268,16 +281,7 @@ def test_killed_run_continues_with_every_case_exactly_once(ws, tmp_path, mode, r
     ids = [r["case_id"] for r in ws.records]
     # Batched: kill once batches 0 and 1 are written; sequential: once batch 0's checkpoint is written.
     written = [run_dir / cli.CHECKPOINT_FILE] if sequential else [run_dir / f"case_{i}.json" for i in ids[:4]]
-    log_path = tmp_path / "killed_run.log"
-    with open(log_path, "w") as log_file:
-        process = subprocess.Popen([sys.executable, *entry, *argv], cwd=tmp_path, stdout=log_file, stderr=log_file,
-                                   env={**os.environ, "KE_NO_DOWNLOAD": "1", "OMP_NUM_THREADS": "1"})
-        try:
-            wait_for(written, process, log_path)
-            process.send_signal(signal.SIGKILL)
-        finally:
-            process.kill()
-            process.wait()
+    run_and_kill(argv, written, tmp_path / "killed_run.log", entry, cwd=tmp_path)
     assert cli.read_json(run_dir / "params.json")["status"] == "running"
     assert len(list(run_dir.glob("case_*.json"))) < N_CASES  # the kill really interrupted the run
 

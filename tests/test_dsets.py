@@ -128,7 +128,7 @@ def test_size_limit_takes_first_records(tmp_path):
 
 def test_bad_rome_record_names_file_and_problem(tmp_path):
     write_json(tmp_path / "counterfact.json", [rome(0, "no placeholder", "S")])
-    with pytest.raises(ValueError, match=r"counterfact\.json record 0.*template containing"):
+    with pytest.raises(ValueError, match=r"template containing .* in \S*counterfact\.json record 0: "):
         CounterFactDataset(tmp_path)
     (tmp_path / "counterfact.json").write_text('[{"case_id": 0,')
     with pytest.raises(ValueError, match=r"invalid JSON .* in \S*counterfact\.json: .*delete it"):

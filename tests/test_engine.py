@@ -441,7 +441,7 @@ def test_rome_constrains_bare_or_averaged_key(editable_models, embedded_tokenize
     ({"prompt": "The home city of Danielle Darrieux"}, "one '{}'"),
     ({"prompt": "{} and {}"}, "one '{}'"),
     ({"target_new": None}, "lacks \\['target_new'\\]"),
-    ({"target_new": "London"}, "target_new must be"),
+    ({"target_new": "London"}, "target_new is 'London'"),
 ])
 def test_bad_requests_raise_clear_errors(request_update, message, editable_models, embedded_tokenizer,
                                          make_hparams):

@@ -4,12 +4,28 @@ import math
 
 import pytest
 import torch
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from tests.conftest import TINY_ARCHS, make_tiny_model
-from tests.test_metrics import BigramLM, ids
+from tests.test_metrics import BigramLM as BigramLogits
+from tests.test_metrics import ids
 from util.generate import generate_greedy, generate_texts
 
 PROMPTS = ["The capital of France is", "Hi", "Once upon a time, in a land far away, there lived"]
+
+
+class BigramLM(PreTrainedModel, GenerationMixin):
+    """test_metrics' bigram logits as a transformers model: util.generate decodes through model.generate."""
+
+    config_class = PretrainedConfig
+
+    def __init__(self, vocab_size: int, boosts: dict):
+        super().__init__(PretrainedConfig(vocab_size=vocab_size, num_hidden_layers=1))  # generate sizes its cache
+        self.bigram = BigramLogits(vocab_size, boosts)
+
+    def forward(self, input_ids, attention_mask=None, **unused):
+        return CausalLMOutputWithPast(logits=self.bigram(input_ids).logits)
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)

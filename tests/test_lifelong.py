@@ -2,10 +2,6 @@
 model-health checkpoints, matrix norms, saved models, and a SIGKILL + resume that leaves every case and
 every checkpoint file exactly once."""
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +12,7 @@ from experiments import evaluate_unified_editing as cli
 from experiments import lifelong, summarize
 from experiments.metrics.counterfact import counterfact_case_metrics, counterfact_case_scores
 from tests.test_cli import (NUM_EDITS, N_CASES, REWRITE_MODULE, argv_for, nlls, one_thread, read_cases,  # noqa: F401
-                            run_capturing_model, wait_for, ws)
+                            run_capturing_model, run_and_kill, ws)
 from util.models import load_model
 
 HEALTH = ("--do_downstream_eval", "--downstream_eval_steps=4", "--downstream_tasks=sst2,mmlu",
@@ -189,16 +185,7 @@ def test_killed_lifelong_run_resumes_with_every_file_once(ws, lifelong_run, tmp_
     run_dir = tmp_path / "results" / "EMMET" / "run_000"
     log_path = tmp_path / "killed.log"
     # Kill once batch 1's retention checkpoint exists: the edits of batches 0-1 and their files are done.
-    with open(log_path, "w") as log_file:
-        process = subprocess.Popen([sys.executable, "-m", "experiments.evaluate_unified_editing", *argv],
-                                   cwd=cli.G.REPO_ROOT, stdout=log_file, stderr=log_file,
-                                   env={**os.environ, "KE_NO_DOWNLOAD": "1", "OMP_NUM_THREADS": "1"})
-        try:
-            wait_for([run_dir / "retention_4edits.json"], process, log_path)
-            process.send_signal(signal.SIGKILL)
-        finally:
-            process.kill()
-            process.wait()
+    run_and_kill(argv, [run_dir / "retention_4edits.json"], log_path)
     assert cli.read_json(run_dir / "params.json")["status"] == "running"
     assert not (run_dir / "downstream_6edits.json").exists()
     assert cli.main(argv + ["--continue_from_run=run_000"]) == 0

@@ -1,12 +1,6 @@
 """The lifelong regularisers (SPEC §8) in the one solver: earlier-edit preservation (S_t), null-space
 projection (AlphaEdit), MPES early stopping; ENCORE and AlphaEdit as thin registry entries; their sequential
 state saved and resumed exactly; reference hparams files."""
-import json
-import os
-import signal
-import subprocess
-import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +11,7 @@ from algs.distribute import load_sequential_state, restore_weights, sequential_s
 from algs.hparams import HparamsError
 from algs.pm_solver import PreservationFactor, null_space_basis, solve_update
 from experiments import evaluate_unified_editing as cli
-from tests.test_cli import argv_for, read_cases, wait_for, write_hparams, ws  # noqa: F401
+from tests.test_cli import argv_for, one_thread, read_cases, run_and_kill, write_hparams, ws  # noqa: F401
 from tests.test_engine import (EDIT_REQUESTS, EDIT_LAYER, N_LAYER, TEMPLATE_LENGTHS, corpus,  # noqa: F401
                                editable_model, preference_margin, stats_dir)
 from tests.test_pm_solver import D_K, F64, close, make_batch, make_c0, memit_direct
@@ -269,16 +263,7 @@ def test_killed_sequential_encore_run_resumes_bit_exactly(ws, tmp_path):  # noqa
     argv = argv_for(ws, tmp_path / "killed", *extra, hparams=hparams, alg="ENCORE")
     run_dir = tmp_path / "killed" / "ENCORE" / "run_000"
     log_path = tmp_path / "killed.log"
-    with open(log_path, "w") as log_file:
-        process = subprocess.Popen([sys.executable, "-m", "experiments.evaluate_unified_editing", *argv],
-                                   cwd=cli.G.REPO_ROOT, stdout=log_file, stderr=log_file,
-                                   env={**os.environ, "KE_NO_DOWNLOAD": "1", "OMP_NUM_THREADS": "1"})
-        try:
-            wait_for([run_dir / cli.CHECKPOINT_FILE], process, log_path)  # batch 0 written, with its S_t
-            process.send_signal(signal.SIGKILL)
-        finally:
-            process.kill()
-            process.wait()
+    run_and_kill(argv, [run_dir / cli.CHECKPOINT_FILE], log_path)
     assert cli.read_json(run_dir / "params.json")["status"] == "running"
     assert cli.main(argv + ["--continue_from_run=run_000"]) == 0
     resumed = checkpoint_tensors(run_dir)

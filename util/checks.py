@@ -5,6 +5,8 @@ A request is one fact to write: {"prompt": "... {} ...", "subject": str, "target
 optionally "target_true": {"str": str}}. A bad one would not fail loudly later: an empty subject edits the
 last (padded) position, an equal target edits nothing, stray braces break str.format deep in the edit.
 """
+import torch
+
 from util.arch import get_module, module_names, num_layers
 from util.errors import InputError
 
@@ -90,3 +92,22 @@ def check_edit_inputs(model, requests, hp, where: str) -> None:
     """Everything an apply_<alg>_to_model call can check before it computes anything."""
     check_requests(requests, where)
     check_hparams_fit(model, hp, where)
+
+
+def check_device(device: str) -> None:
+    """--device names a device torch can use on this machine (else the model load fails with a traceback)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InputError(f"{device!r} is not a torch device", "--device", "give cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"CUDA is not available on this machine (torch {torch.__version__})", f"--device {device}",
+                         "use --device cpu, or leave --device out (cuda when available, else cpu)")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise InputError(f"there are {torch.cuda.device_count()} CUDA devices", f"--device {device}",
+                         f"give cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError("MPS is not available on this machine", f"--device {device}", "use --device cpu")
+    if parsed.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"device type {parsed.type!r} is not supported", f"--device {device}",
+                         "give cpu, cuda, cuda:N or mps")

@@ -1,17 +1,17 @@
 """Batched text generation: seeded top-k sampling (fluency texts, context templates) and greedy decoding.
 
-Our own decoding loop with a KV cache. Prompts are left padded, with the attention mask and position ids
-set so that every row continues exactly as it would alone. Each row samples from its own CPU
-torch.Generator, seeded from `seed` and the row's index in the list: a text depends only on its prompt,
+transformers' `model.generate` (greedy) over left-padded prompts, so every row continues as it would
+alone and the key/value cache is transformers' own business. Sampling is a logits processor: each row
+draws its token from its own CPU torch.Generator, seeded from `seed` and the row's index in the list, and
+masks every other token, so generate's greedy step takes the drawn one. A text depends only on its prompt,
 the seed and its index, never on the batch size, the device or the global RNG state.
 
 Texts come back as the decoded prompt + continuation with special tokens dropped (as the references'
 `generate_fast` returns them, which is what the context templates and the fluency metric use).
 Generation stops at EOS (the tokenizer's or the model's generation config's) or after `max_new_tokens`.
 """
-from functools import partial
-
 import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 
 def generate_texts(model, tok, prompts, n_per_prompt=1, max_new_tokens=100, top_k=5, seed=0,
@@ -25,8 +25,7 @@ def generate_texts(model, tok, prompts, n_per_prompt=1, max_new_tokens=100, top_
     texts = []
     for start in range(0, len(rows), batch_size):
         generators = [torch.Generator().manual_seed(s) for s in row_seeds[start:start + batch_size]]
-        texts += _decode(model, tok, rows[start:start + batch_size], max_new_tokens,
-                         partial(_sample_top_k, top_k=top_k, generators=generators))
+        texts += _decode(model, tok, rows[start:start + batch_size], max_new_tokens, TopKRowSampler(top_k, generators))
     return texts
 
 
@@ -34,9 +33,19 @@ def generate_greedy(model, tok, prompts, max_new_tokens=100, batch_size=32) -> l
     """Greedy (argmax) continuations, one per prompt."""
     texts = []
     for start in range(0, len(prompts), batch_size):
-        texts += _decode(model, tok, prompts[start:start + batch_size], max_new_tokens,
-                         lambda logits: logits.argmax(dim=-1))
+        texts += _decode(model, tok, prompts[start:start + batch_size], max_new_tokens, sampler=None)
     return texts
+
+
+class TopKRowSampler(LogitsProcessor):
+    """Keep only the token each row draws from its top-k, so that generate's greedy step picks it."""
+
+    def __init__(self, top_k: int, generators):
+        self.top_k, self.generators = top_k, generators
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        picks = _sample_top_k(scores, self.top_k, self.generators)
+        return torch.full_like(scores, float("-inf")).scatter_(1, picks[:, None], 0.0)
 
 
 def _sample_top_k(logits: torch.Tensor, top_k: int, generators) -> torch.Tensor:
@@ -53,8 +62,8 @@ def _eos_ids(model, tok) -> list[int]:
     return sorted({i for i in candidates if i is not None})
 
 
-def _decode(model, tok, prompts, max_new_tokens, next_token) -> list[str]:
-    """Run the left-padded batch forward with a KV cache, choosing each new token with `next_token`."""
+def _decode(model, tok, prompts, max_new_tokens, sampler) -> list[str]:
+    """Greedy `model.generate` of the left-padded batch; `sampler` (a LogitsProcessor) picks the tokens instead."""
     if not prompts:
         return []
     device = next(model.parameters()).device
@@ -64,32 +73,19 @@ def _decode(model, tok, prompts, max_new_tokens, next_token) -> list[str]:
     if empty:
         raise ValueError(f"prompts {[prompts[i] for i in empty]!r} tokenize to no tokens: nothing to continue")
     eos_ids = _eos_ids(model, tok)
-    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
-    batch = prompt_ids.shape[0]
+    continuations = [[] for _ in prompts]
+    if max_new_tokens > 0:
+        # A config of our own: the model's generation_config (repetition penalties, sampling flags) must not apply.
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos_ids,
+                                  pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0])
+        with torch.no_grad():
+            generated = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
+                                       logits_processor=LogitsProcessorList([sampler] if sampler else []))
+        continuations = generated[:, prompt_ids.shape[1]:].tolist()
 
-    mask = prompt_mask
-    positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
-    step_ids, cache = prompt_ids, None
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    new_tokens = []
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
-                        past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            token = next_token(out.logits[:, -1, :])
-            new_tokens.append(token)
-            finished = finished | torch.isin(token, eos)
-            if finished.all():
-                break
-            step_ids = token[:, None]
-            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-            positions = positions[:, -1:] + 1
-
-    # Rows that met EOS early kept being fed tokens until all had: cut each at its first EOS.
-    continuations = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in range(batch)]
+    # Rows that met EOS early were padded until all had: cut each at its first EOS.
     texts = []
-    for row in range(batch):
+    for row in range(len(prompts)):
         kept = prompt_ids[row][prompt_mask[row].bool()].tolist()
         for token in continuations[row]:
             kept.append(token)

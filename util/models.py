@@ -24,7 +24,7 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MODEL_ALTERNATIVES = (f"pass a local model directory (as save_pretrained writes it), '{EMBEDDED_ALIAS}' (the "
                       f"embedded model, needs no download), or a hub id that is in the hub cache or reachable online")
-REASON_CHARS = 200  # how much of a library's error text a message quotes
+REASON_CHARS = 200  # how much of a library's error text a message quotes (its first sentence at most)
 
 
 def embedded_gguf_path() -> Path:
@@ -122,7 +122,7 @@ def model_not_loaded(model_name: str, error: Exception) -> InputError:
     """Which name was tried, where it was looked for, why it failed (shortened) and the offline alternatives."""
     from huggingface_hub.constants import HF_HUB_CACHE
 
-    reason = f"{type(error).__name__}: {one_line(error)[:REASON_CHARS]}"
+    reason = f"{type(error).__name__}: {one_line(error).split('. ')[0][:REASON_CHARS]}"
     local = Path(model_name).expanduser()
     if local.is_dir():
         where = f"the directory {local.resolve()} ({reason})"

@@ -2,6 +2,7 @@
 
 Decoder blocks return a tuple in transformers 4.x and a tensor in 5.x; `hidden_of` hides that.
 """
+import inspect
 from contextlib import contextmanager
 
 import torch
@@ -99,3 +100,23 @@ def frozen(model: nn.Module):
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+def accepts_forward_argument(model: nn.Module, name: str) -> bool:
+    """Whether model.forward takes the keyword `name` (it differs between transformers versions and models)."""
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The forward keyword of the key/value cache: `cache` in newer transformers (`past_key_values` is
+    deprecated there), `past_key_values` before."""
+    return "cache" if accepts_forward_argument(model, "cache") else "past_key_values"
+
+
+def output_cache(outputs):
+    """The key/value cache a forward pass returned (under either name)."""
+    cache = getattr(outputs, "cache", None)
+    return cache if cache is not None else getattr(outputs, "past_key_values", None)

@@ -15,6 +15,9 @@ import torch
 from util.tokens import pad_batch, prompt_token_ids, target_token_ids
 
 DEFAULT_BATCH_SIZE = 64
+# Padded tokens (rows × longest row) per forward pass: the logits are that many vocabulary-sized rows, so one
+# 2,400-token prompt padded into a batch of 64 would take ~12 GB. Typical batches (64 × <= 64 tokens) fit.
+MAX_BATCH_TOKENS = 4096
 
 # (metrics key, success score, magnitude score, the target the model should prefer)
 SCORED_GROUPS = (
@@ -70,10 +73,23 @@ def score_targets(model, tok, prefixes, targets, batch_size=DEFAULT_BATCH_SIZE) 
         if not prefix_ids:
             raise ValueError(f"prefix {prefix!r} tokenizes to no tokens: nothing to condition the target on")
         pairs.append((prefix_ids, target_token_ids(tok, target)))
-    scores = []
-    for start in range(0, len(pairs), batch_size):
-        scores += _score_batch(model, tok, pairs[start:start + batch_size])
+    scores = [None] * len(pairs)
+    for indices in length_batches([len(prefix) + len(target) for prefix, target in pairs], batch_size):
+        for index, score in zip(indices, _score_batch(model, tok, [pairs[i] for i in indices])):
+            scores[index] = score
     return scores
+
+
+def length_batches(lengths: list[int], batch_size: int, max_tokens: int = MAX_BATCH_TOKENS) -> list[list[int]]:
+    """Indices grouped by length, shortest first, into batches of at most `batch_size` rows and `max_tokens`
+    padded tokens: a long prompt is padded together with similar ones only, never the rest."""
+    batches, current = [], []
+    for index in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if current and (len(current) == batch_size or (len(current) + 1) * lengths[index] > max_tokens):
+            batches.append(current)
+            current = []
+        current.append(index)
+    return batches + [current] if current else batches
 
 
 def _score_batch(model, tok, pairs) -> list[TargetScores]:

@@ -18,7 +18,6 @@ shared by every item, which is what makes the check cheap.
 """
 import copy
 import csv
-import inspect
 import json
 import math
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 from util.tokens import pad_batch, prompt_token_ids, target_token_ids
+from util.tracing import accepts_forward_argument, cache_keyword, output_cache
 
 TASKS = ("sst2", "mrpc", "cola", "rte", "nli", "mmlu")
 
@@ -337,27 +337,6 @@ def matthews_corrcoef(pred, gold, n_classes) -> float:
 # Scoring
 
 
-def _forward_parameters(model) -> set:
-    try:
-        return set(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        return set()
-
-
-def _accepts_logits_to_keep(model) -> bool:
-    return "logits_to_keep" in _forward_parameters(model)
-
-
-def _cache_argument(model) -> str:
-    """Newer transformers call the key/value cache `cache` (`past_key_values` is deprecated there)."""
-    return "cache" if "cache" in _forward_parameters(model) else "past_key_values"
-
-
-def _returned_cache(outputs):
-    cache = getattr(outputs, "cache", None)
-    return cache if cache is not None else getattr(outputs, "past_key_values", None)
-
-
 def _repeat_cache(cache, n_rows: int):
     """A fresh copy of a batch-1 key/value cache for n_rows rows (the forward pass appends to it)."""
     if hasattr(cache, "batch_repeat_interleave"):
@@ -372,8 +351,8 @@ def _prefix_cache(model, prefix_ids, device):
     if not prefix_ids:
         return None
     out = model(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True,
-                **({"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}))
-    return _returned_cache(out)
+                **({"logits_to_keep": 1} if accepts_forward_argument(model, "logits_to_keep") else {}))
+    return output_cache(out)
 
 
 def _score_rows(model, tok, prefix_ids, rows, batch_size, device):
@@ -386,7 +365,7 @@ def _score_rows(model, tok, prefix_ids, rows, batch_size, device):
     """
     cache = _prefix_cache(model, prefix_ids, device)
     offset = 0 if cache is not None else len(prefix_ids)  # without a cache the prefix is part of every row
-    keep_positions = _accepts_logits_to_keep(model)
+    keep_positions = accepts_forward_argument(model, "logits_to_keep")
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
     scores = {}
     for start in range(0, len(order), batch_size):
@@ -399,7 +378,7 @@ def _score_rows(model, tok, prefix_ids, rows, batch_size, device):
             n_prefix = len(prefix_ids)
             batch["attention_mask"] = torch.cat(
                 [torch.ones((n_rows, n_prefix), dtype=torch.long, device=device), batch["attention_mask"]], dim=1)
-            kwargs[_cache_argument(model)] = _repeat_cache(cache, n_rows)
+            kwargs[cache_keyword(model)] = _repeat_cache(cache, n_rows)
             kwargs["position_ids"] = torch.arange(n_prefix, n_prefix + width, device=device).expand(n_rows, width)
             kwargs["use_cache"] = True
         # (row, position, token) for every label token to read.
