@@ -88,10 +88,9 @@ class EditHparams:
         if self.dynamic and self.dynamic_multiplier <= 0:
             raise HparamsError("'dynamic_multiplier' must be positive")
         if self.prob_cutoff < 0 and self.prob_cutoff != int(self.prob_cutoff) or self.prob_cutoff >= 1:
-            raise HparamsError(f"'prob_cutoff' must be 0 (off), a negative integer -k (target the argmax k steps "
-                               f"in a row) or a probability in (0, 1), got {self.prob_cutoff!r}")
-        if not self.nullspace_threshold >= 0:
-            raise HparamsError(f"'nullspace_threshold' must be >= 0 (0: no projection), got {self.nullspace_threshold!r}")
+            raise HparamsError(f"'prob_cutoff' is {self.prob_cutoff!r}", type(self).__name__,
+                               "give 0 (off), a negative integer -k (stop once the targets were the argmax k steps "
+                               "in a row) or a probability in (0, 1)")
 
     @classmethod
     def from_json(cls, path):
@@ -166,13 +165,14 @@ def _check_type(source, name, value, hint):
 
 # Value ranges: outside them an edit fails deep inside (a traceback) or silently does nothing.
 POSITIVE_KEYS = {
-    "v_num_grad_steps": "Adam steps of the target optimisation (0 would edit towards the unoptimised value)",
+    "v_num_grad_steps": "the target optimisation's Adam steps; 0 would edit towards the unoptimised value",
     "v_lr": "the target optimisation's learning rate",
     "clamp_norm_factor": "the bound on the target's change, relative to its norm",
     "mom2_update_weight": "the preservation weight λ of P = λ·C0 + u·I",
     "mom2_n_samples": "articles for C0",
 }
-NON_NEGATIVE_KEYS = ("v_weight_decay", "kl_factor", "update_norm_lambda", "emmet_lambda", "v_loss_layer")
+NON_NEGATIVE_KEYS = ("v_weight_decay", "kl_factor", "update_norm_lambda", "emmet_lambda", "v_loss_layer",
+                     "nullspace_threshold", "L2")
 
 
 def _check_values(hp) -> None:

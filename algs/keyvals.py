@@ -3,7 +3,6 @@
 Context templates come in groups: a key is the mean over groups of the mean within each group.
 Group 0 is always ["{}"] (ROME's flat average puts all templates in one group that starts with "{}").
 """
-import copy
 import hashlib
 import json
 import logging
@@ -17,7 +16,8 @@ from safetensors import safe_open
 from util.generate import generate_texts
 from util.io import write_tensors_atomic
 from util.tokens import pad_batch, prompt_token_ids, subject_token_index, target_token_ids
-from util.tracing import add_at_positions, cache_keyword, frozen, output_cache, run_until, trace_modules
+from util.prefix_cache import PrefixCache
+from util.tracing import add_at_positions, frozen, run_until, trace_modules
 
 log = logging.getLogger(__name__)
 TEMPLATE_START_WORDS = ("The", "Therefore", "Because", "I", "You")
@@ -105,19 +105,21 @@ class TargetResult:
 
 
 def compute_targets(model, tok, target_module: str, requests, templates, hp, max_requests=16,
-                    cache_dir=None, model_key=None) -> TargetResult:
+                    cache_dir=None, model_key=None, prefix_cache=True) -> TargetResult:
     """Optimise one vector per request, added at its subject token at `target_module`'s output.
 
     Requests are optimised independently (their rows never interact); batching them is only for speed.
     cache_dir: reuse/store each request's result on disk, keyed by `model_key` (which must identify the
     current weights), the request, the templates and the optimisation hparams.
+    prefix_cache: run the tokens before the subject once (see _CachedRows); False is the baseline.
     """
     cache = TargetCache(cache_dir, model_key, target_module, templates, hp) if cache_dir else None
     found = {i: cache.load(r) for i, r in enumerate(requests)} if cache else {}
     todo = [i for i in range(len(requests)) if found.get(i) is None]
     for start in range(0, len(todo), max_requests):
         chunk = todo[start:start + max_requests]
-        result = _optimise_targets(model, tok, target_module, [requests[i] for i in chunk], templates, hp)
+        result = _optimise_targets(model, tok, target_module, [requests[i] for i in chunk], templates, hp,
+                                   prefix_cache)
         for j, i in enumerate(chunk):
             found[i] = TargetResult(result.targets[j:j + 1], result.initial[j:j + 1], [result.info[j]])
             if cache:
@@ -187,53 +189,25 @@ class _FullRows:
 
 
 class _CachedRows:
-    """The same forward computing only what the optimised vector can change (issue: prefix caching).
+    """The same forward computing only what the optimised vector can change (util.prefix_cache).
 
     The vector is added at the subject's last token at the target module, so with causal attention every
-    token before it gives the same keys and values at every step: they run once (no grad), left-padded so
-    that every row's suffix starts at the same cache position, and each step runs only the suffix (the
-    subject's last token, the rest of the prompt, the target) of the rows still being optimised, on a copy
-    of that cache. Positions are given explicitly; the attention mask covers prefix pads. A row whose subject
-    ends at its first token has no prefix: in the prefix pass it sees one pad token (so no attention row is
-    empty), which the suffix pass masks out like every other pad.
+    token before it gives the same keys and values at every step: they run once (no grad), and each step
+    runs only the suffix (the subject's last token, the rest of the prompt, the target) of the rows still
+    being optimised, on a copy of that cache.
     """
 
     def __init__(self, model, tok, sequences, lookup, target_module):
         self.model, self.target_module = model, target_module
-        device = model.device
-        self.offsets = torch.tensor(lookup, device=device)  # suffix position = full position - offset
-        width = max(max(lookup), 1)
-        prefix_ids = torch.full((len(sequences), width), tok.pad_token_id, dtype=torch.long)
-        prefix_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        suffixes = [ids[start:] for ids, start in zip(sequences, lookup)]
-        for row, (ids, start) in enumerate(zip(sequences, lookup)):
-            if start:
-                prefix_ids[row, width - start:] = torch.tensor(ids[:start], dtype=torch.long)
-                prefix_mask[row, width - start:] = 1
-        pass_mask = prefix_mask.clone()
-        pass_mask[:, -1] = 1  # rows without a prefix attend to one pad in the prefix pass only
-        positions = (pass_mask.cumsum(1) - 1).clamp_min(0)
-        suffix = pad_batch(tok, suffixes, "right")
-        suffix_positions = self.offsets.cpu()[:, None] + torch.arange(suffix["input_ids"].shape[1])[None]
-        self.suffix_ids = suffix["input_ids"].to(device)
-        self.mask = torch.cat([prefix_mask, suffix["attention_mask"]], 1).to(device)
-        self.suffix_positions = suffix_positions.to(device)
-        with torch.no_grad():
-            out = model(input_ids=prefix_ids.to(device), attention_mask=pass_mask.to(device),
-                        position_ids=positions.to(device), use_cache=True)
-        self.prefix = output_cache(out)
-        self.cache_keyword = cache_keyword(model)
+        self.offsets = torch.tensor(lookup, device=model.device)  # suffix position = full position - offset
+        self.prefix = PrefixCache(model, tok, [ids[:start] for ids, start in zip(sequences, lookup)])
+        self.suffixes = [ids[start:] for ids, start in zip(sequences, lookup)]
 
     def forward(self, rows, vectors=None):
-        cache = copy.deepcopy(self.prefix)
-        if len(rows) < self.suffix_ids.shape[0]:
-            cache.batch_select_indices(rows)
         edit = {} if vectors is None else {self.target_module: lambda hidden: add_at_positions(
             hidden, torch.arange(len(rows), device=hidden.device), torch.zeros_like(rows), vectors)}
         with trace_modules(self.model, [self.target_module], retain_output=vectors is None, edit_output=edit) as tr:
-            logits = self.model(input_ids=self.suffix_ids[rows], attention_mask=self.mask[rows],
-                                position_ids=self.suffix_positions[rows], use_cache=True,
-                                **{self.cache_keyword: cache}).logits
+            logits = self.prefix.continue_rows(rows, [self.suffixes[i] for i in rows.tolist()])
         return logits, tr[self.target_module].output
 
 
@@ -259,8 +233,10 @@ def _optimise_targets(model, tok, target_module, requests, templates, hp, prefix
         owner.append(j)
 
     device = model.device
-    cached = prefix_cache
-    rows = (_CachedRows if cached else _FullRows)(model, tok, sequences, lookup, target_module)
+    rows = (_CachedRows if prefix_cache else _FullRows)(model, tok, sequences, lookup, target_module)
+    if prefix_cache and not rows.prefix.available:  # a model that keeps no key/value cache
+        rows = _FullRows(model, tok, sequences, lookup, target_module)
+    cached = isinstance(rows, _CachedRows)
     n_req, n_rewrite = len(requests), len(requests) * len(flat_templates)
     owner_t = torch.tensor(owner, device=device)
     label_rows, label_pos, label_ids = [], [], []

@@ -713,15 +713,20 @@ def evaluate(session: Session) -> None:
     write_json_atomic(run_dir / PARAMS_FILE, session.params)
 
 
-def stop_run(session: Session, status: str, what: str, exit_status: int, details: str | None = None) -> int:
-    """The run stopped before its end: say so in params.json (when it can still be written) and tell how to go on."""
-    run_dir = session.run_dir
+def record_stop(session: Session, status: str, what: str, details: str | None = None) -> None:
+    """Why the run stopped before its end, in params.json (when it can still be written)."""
     session.params.update(status=status, stopped_at=utc_now(), error=what,
                           **({"error_traceback": details} if details else {}))
     try:
-        write_json_atomic(run_dir / PARAMS_FILE, session.params)
+        write_json_atomic(session.run_dir / PARAMS_FILE, session.params)
     except OSError as error:
-        log.warning("could not record the stop in %s: %s", run_dir / PARAMS_FILE, error)
+        log.warning("could not record the stop in %s: %s", session.run_dir / PARAMS_FILE, error)
+
+
+def stop_run(session: Session, status: str, what: str, exit_status: int, details: str | None = None) -> int:
+    """The run stopped before its end: record it and tell how to go on."""
+    run_dir = session.run_dir
+    record_stop(session, status, what, details)
     kept = "finished batches are kept" + ("; the traceback is in params.json" if details else "")
     return report(PROG, f"{what} in {run_dir}: {kept}; to go on, run the same command with "
                         f"--continue_from_run {run_dir.name}", exit_status)
@@ -734,8 +739,7 @@ def run_evaluation(session: Session) -> int:
     except KeyboardInterrupt:
         return stop_run(session, "interrupted", "interrupted (Ctrl-C)", INTERRUPTED_STATUS)
     except InputError as error:  # e.g. a sequential checkpoint that cannot be continued: its message says what to do
-        session.params.update(status="failed", stopped_at=utc_now(), error=one_line(error))
-        write_json_atomic(session.run_dir / PARAMS_FILE, session.params)
+        record_stop(session, "failed", one_line(error))
         return report(PROG, error)
     except OSError as error:  # the results directory became unwritable, the disk is full, ...
         reason = f"cannot write {error.filename or 'a results file'} ({error.strerror or error})"

@@ -8,6 +8,9 @@ Sections (pick with --only):
            rho = 1), and B×B with the cached Cholesky factor vs a fresh d_k×d_k solve per batch as the
            reference code does it; with the largest relative difference between the Δs.
   targets  keyvals.compute_targets for 4 CounterFact requests, optimised together vs one at a time.
+  prefix   the target optimisation with the prefix cache (tokens before the subject run once) vs the
+           baseline (every token every step), for EMMET's and ROME's templates at batch 1 and 16: seconds per
+           edit, speed-up and the largest relative difference of the target vectors.
 
 Every figure is a measurement of this run on this machine (seconds are shown for context only);
 nothing is asserted. Times are the best of --repeats runs, fewer when one run already takes long.
@@ -43,7 +46,7 @@ from util.arch import get_module, module_names, num_layers, weight_as_out_in
 from util.globals import REPO_ROOT
 from util.models import load_model, model_identity
 
-SECTIONS = ("stats", "solver", "targets")
+SECTIONS = ("stats", "solver", "targets", "prefix")
 # A timed call is repeated (up to --repeats) only while the runs so far took less than this in total.
 REPEAT_BUDGET_S = 1.0
 # Real CounterFact cases (ROME schema: `prompt` holds "{}" for the subject); case ids 0, 13, 18, 70.
@@ -98,7 +101,11 @@ def parse_args(argv=None):
                         help="solver: key dimensions d_k (default: 1024 4096)")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 16, 256],
                         help="solver: numbers of edits B per batch (default: 1 16 256)")
-    parser.add_argument("--steps", type=int, default=5, help="targets: v_num_grad_steps (default 5)")
+    parser.add_argument("--steps", type=int, default=5, help="targets, prefix: v_num_grad_steps (default 5)")
+    parser.add_argument("--prefix_batches", type=int, nargs="+", default=[1, 16],
+                        help="prefix: batch sizes (requests optimised together; default 1 16)")
+    parser.add_argument("--data_dir", default=str(REPO_ROOT.parent / "shared" / "data"),
+                        help="prefix: data dir with CounterFact (default: ../shared/data beside the repo)")
     args = parser.parse_args(argv)
     for name in ("threads", "repeats", "steps"):
         if getattr(args, name) < 1:
@@ -262,6 +269,35 @@ def bench_targets(model, tok, args) -> None:
                  "max (target-initial) rel diff"], rows)
 
 
+# Context templates of hparams/EMMET/smollm2-135m.json (groups, the default) and hparams/ROME/smollm2-135m.json (flat).
+PREFIX_TEMPLATES = {"EMMET": ([[10, 5]], False), "ROME": ([[5, 5], [10, 5]], True)}
+
+
+def bench_prefix(model, tok, args) -> None:
+    from dsets import load_records
+
+    records = load_records("cf", args.data_dir, max(args.prefix_batches))
+    requests = [{"case_id": r["case_id"], **r["requested_rewrite"]} for r in records]
+    names = module_names(model)
+    rows = []
+    for objective, (length_params, flat) in PREFIX_TEMPLATES.items():
+        target_module = (names.mlp_module_tmp if objective == "ROME" else names.layer_module_tmp).format(args.layer)
+        hp = EditHparams(layers=[args.layer], v_num_grad_steps=args.steps, v_loss_layer=num_layers(model) - 1,
+                         context_template_length_params=length_params, **TARGET_HPARAMS)
+        templates = context_templates(model, tok, length_params, args.seed, flat=flat)
+        for batch in args.prefix_batches:
+            timed = {}
+            for cached in (False, True):
+                timed[cached] = best_time(args.repeats, compute_targets, model, tok, target_module, requests[:batch],
+                                          templates, hp, max_requests=batch, prefix_cache=cached)
+            diff = max(rel_diff(a, b) for a, b in zip(timed[True][0].targets, timed[False][0].targets))
+            rows.append([objective, str(batch), timed[False][1] / batch, timed[True][1] / batch,
+                         timed[False][1] / timed[True][1], diff])
+    print_table(f"prefix: target optimisation per edit, {args.steps} steps, layer {args.layer}; baseline = every "
+                f"token every step", ["templates", "batch", "baseline s/edit", "cached s/edit", "speed-up",
+                                      "max target rel diff"], rows)
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -270,7 +306,7 @@ def main(argv=None):
           f"thread(s); all figures measured in this run")
     try:
         model = tok = None
-        if {"stats", "targets"} & set(args.only):
+        if {"stats", "targets", "prefix"} & set(args.only):
             model, tok = load_model(args.model)
         if "stats" in args.only:
             bench_stats(model, tok, args)
@@ -278,6 +314,8 @@ def main(argv=None):
             bench_solver(args)
         if "targets" in args.only:
             bench_targets(model, tok, args)
+        if "prefix" in args.only:
+            bench_prefix(model, tok, args)
     except (ValueError, RuntimeError, OSError) as error:  # bad input: a message, not a traceback
         raise SystemExit(f"benchmark: {error}")
     print(f"\ntotal wall time {time.perf_counter() - started:.1f} s")

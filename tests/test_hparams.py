@@ -16,7 +16,8 @@ HPARAMS_FILES = sorted(HPARAMS_DIR.glob("*/*.json"))
 # File stem -> (model_type, number of layers), from the models' configs (SPEC §5).
 MODELS = {
     "gpt2-medium": ("gpt2", 24), "gpt2-large": ("gpt2", 36), "gpt2-xl": ("gpt2", 48),
-    "EleutherAI_gpt-j-6B": ("gptj", 28), "llama2-7b": ("llama", 32), "smollm2-135m": ("llama", 30),
+    "EleutherAI_gpt-j-6B": ("gptj", 28), "llama2-7b": ("llama", 32), "llama3-8b": ("llama", 32),
+    "smollm2-135m": ("llama", 30),
 }
 VALID = {"layers": [5], "v_num_grad_steps": 20, "v_lr": 0.5, "v_loss_layer": 27, "v_weight_decay": 0.5,
          "clamp_norm_factor": 4, "kl_factor": 0.0625}
@@ -47,10 +48,14 @@ def test_unknown_key_names_file_key_and_valid_keys(tmp_path):
     assert "valid keys" in message and "'v_lr'" in message and "'clamp_norm_factor'" in message
 
 
-def test_key_of_another_algorithm_is_unknown(tmp_path):
-    assert "emmet_lambda" in load_error(tmp_path, {**VALID, "emmet_lambda": 0.1})
+def test_key_of_another_algorithm_is_unknown_or_inert(tmp_path):
+    assert "consistent_keys" in load_error(tmp_path, {**VALID, "consistent_keys": True})  # ROME's switch
+    assert "'L2'" in load_error(tmp_path, {**VALID, "L2": 10})  # AlphaEdit's ridge
     emmet, _ = get_algorithm("EMMET")
     assert emmet.from_dict({**VALID, "emmet_lambda": 0.1}).emmet_lambda == 0.1
+    # EMMET's ridge in a least-squares file (the ENCORE files have it) changes nothing: accepted, recorded.
+    memit = MEMITHyperParams.from_dict({**VALID, "emmet_lambda": 0.1})
+    assert memit.inert_keys == {"emmet_lambda": 0.1} and memit.to_dict()["inert_keys"] == {"emmet_lambda": 0.1}
 
 
 def test_missing_required_key_names_file_and_key(tmp_path):
@@ -101,7 +106,7 @@ def tiny_models(embedded_tokenizer):
 
 
 def test_hparams_files_are_there():
-    assert {p.parent.name for p in HPARAMS_FILES} == {"ROME", "MEMIT", "EMMET"}
+    assert {p.parent.name for p in HPARAMS_FILES} == {"ROME", "MEMIT", "EMMET", "ENCORE", "AlphaEdit"}
 
 
 @pytest.mark.parametrize("path", HPARAMS_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")

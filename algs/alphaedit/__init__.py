@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from algs.distribute import Objective, apply_to_model
 from algs.hparams import EditHparams
 from algs.pm_solver import objective_params
+from util.checks import check_edit_inputs
 
 
 @dataclass
@@ -21,6 +22,7 @@ class AlphaEditHyperParams(EditHparams):
 
 def apply_alphaedit_to_model(model, tok, requests, hparams: AlphaEditHyperParams, copy=False,
                              return_orig_weights=False, **kwargs):
+    check_edit_inputs(model, requests, hparams, "apply_alphaedit_to_model")
     mom2_update_weight = 0.0 if hparams.nullspace_threshold > 0 else hparams.mom2_update_weight
 
     def objective(batch_size):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from algs.distribute import Objective, apply_to_model
 from algs.hparams import EditHparams
 from algs.pm_solver import objective_params
+from util.checks import check_edit_inputs
 
 
 @dataclass
@@ -19,6 +20,8 @@ class ENCOREHyperParams(EditHparams):
 
 def apply_encore_to_model(model, tok, requests, hparams: ENCOREHyperParams, copy=False, return_orig_weights=False,
                           **kwargs):
+    check_edit_inputs(model, requests, hparams, "apply_encore_to_model")
+
     def objective(batch_size):
         return Objective("ENCORE", objective_params("memit", batch_size, hparams.mom2_update_weight,
                                                     update_norm_lambda=hparams.update_norm_lambda),

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from util.prefix_cache import PrefixCache
 from util.tokens import pad_batch, prompt_token_ids, target_token_ids
 
 DEFAULT_BATCH_SIZE = 64
@@ -74,9 +75,44 @@ def score_targets(model, tok, prefixes, targets, batch_size=DEFAULT_BATCH_SIZE) 
             raise ValueError(f"prefix {prefix!r} tokenizes to no tokens: nothing to condition the target on")
         pairs.append((prefix_ids, target_token_ids(tok, target)))
     scores = [None] * len(pairs)
-    for indices in length_batches([len(prefix) + len(target) for prefix, target in pairs], batch_size):
-        for index, score in zip(indices, _score_batch(model, tok, [pairs[i] for i in indices])):
+    by_prefix = {}  # each distinct prefix runs once; all of its targets are scored from it
+    for index, (prefix, _) in enumerate(pairs):
+        by_prefix.setdefault(tuple(prefix), []).append(index)
+    prefixes = list(by_prefix)
+    for indices in length_batches([len(prefix) for prefix in prefixes], batch_size):
+        groups = [by_prefix[prefixes[i]] for i in indices]
+        shared = _score_shared_prefixes(model, tok, [list(prefixes[i]) for i in indices],
+                                        [[pairs[j][1] for j in group] for group in groups])
+        members = [j for group in groups for j in group]
+        for index, score in zip(members, shared if shared is not None else
+                                _score_batch(model, tok, [pairs[j] for j in members])):
             scores[index] = score
+    return scores
+
+
+def _score_shared_prefixes(model, tok, prefixes, targets_per_prefix) -> list[TargetScores] | None:
+    """Scores of every target of every prefix (in order), each prefix run once with a key/value cache: its
+    last logits score the targets' first tokens, and only multi-token targets are continued from the cache.
+    None when the model keeps no cache (then full rows are scored)."""
+    cache = PrefixCache(model, tok, prefixes)
+    if not cache.available:
+        return None
+    first = torch.log_softmax(cache.last_logits.float(), dim=-1)
+    continued = [(i, target) for i, targets in enumerate(targets_per_prefix) for target in targets if len(target) > 1]
+    later = iter(())
+    if continued:
+        rows = torch.tensor([i for i, _ in continued], device=first.device)
+        with torch.no_grad():
+            logits = cache.continue_rows(rows, [target[:-1] for _, target in continued], keep_cache=False)
+        later = iter(torch.log_softmax(logits.float(), dim=-1))
+    scores = []
+    for i, targets in enumerate(targets_per_prefix):
+        for target in targets:
+            target_ids = torch.tensor(target, device=first.device)
+            log_probs = first[i:i + 1] if len(target) == 1 else torch.cat([first[i:i + 1],
+                                                                           next(later)[:len(target) - 1]])
+            scores.append(TargetScores(log_probs=log_probs.gather(1, target_ids[:, None]).squeeze(1).tolist(),
+                                       correct=(log_probs.argmax(dim=-1) == target_ids).tolist()))
     return scores
 
 
