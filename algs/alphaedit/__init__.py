@@ -7,10 +7,8 @@ the projection off the λC0 preservation of MEMIT is used, so with every switch 
 """
 from dataclasses import dataclass
 
-from algs.distribute import Objective, apply_to_model
 from algs.hparams import EditHparams
-from algs.pm_solver import objective_params
-from util.checks import check_edit_inputs
+from algs.memit import apply_least_squares
 
 
 @dataclass
@@ -22,13 +20,6 @@ class AlphaEditHyperParams(EditHparams):
 
 def apply_alphaedit_to_model(model, tok, requests, hparams: AlphaEditHyperParams, copy=False,
                              return_orig_weights=False, **kwargs):
-    check_edit_inputs(model, requests, hparams, "apply_alphaedit_to_model")
     mom2_update_weight = 0.0 if hparams.nullspace_threshold > 0 else hparams.mom2_update_weight
-
-    def objective(batch_size):
-        return Objective("AlphaEdit", objective_params("memit", batch_size, mom2_update_weight,
-                                                       update_norm_lambda=hparams.L2 + hparams.update_norm_lambda),
-                         flat_templates=False, value_at_mlp=False)
-
-    return apply_to_model(model, tok, requests, hparams, objective, copy=copy,
-                          return_orig_weights=return_orig_weights, **kwargs)
+    return apply_least_squares("AlphaEdit", model, tok, requests, hparams, mom2_update_weight,
+                               hparams.L2 + hparams.update_norm_lambda, copy, return_orig_weights, **kwargs)

@@ -5,10 +5,8 @@ switch of the shared modules; with all three off ENCORE is MEMIT.
 """
 from dataclasses import dataclass
 
-from algs.distribute import Objective, apply_to_model
 from algs.hparams import EditHparams
-from algs.pm_solver import objective_params
-from util.checks import check_edit_inputs
+from algs.memit import apply_least_squares
 
 
 @dataclass
@@ -20,12 +18,5 @@ class ENCOREHyperParams(EditHparams):
 
 def apply_encore_to_model(model, tok, requests, hparams: ENCOREHyperParams, copy=False, return_orig_weights=False,
                           **kwargs):
-    check_edit_inputs(model, requests, hparams, "apply_encore_to_model")
-
-    def objective(batch_size):
-        return Objective("ENCORE", objective_params("memit", batch_size, hparams.mom2_update_weight,
-                                                    update_norm_lambda=hparams.update_norm_lambda),
-                         flat_templates=False, value_at_mlp=False)
-
-    return apply_to_model(model, tok, requests, hparams, objective, copy=copy,
-                          return_orig_weights=return_orig_weights, **kwargs)
+    return apply_least_squares("ENCORE", model, tok, requests, hparams, hparams.mom2_update_weight,
+                               hparams.update_norm_lambda, copy, return_orig_weights, **kwargs)
