@@ -145,9 +145,18 @@ def prepare_unedited(model, tok, hp, seed: int = 0, stats_dir=None) -> None:
 
 
 def edit_layers(model, tok, requests, hp, objective: Objective, seed: int = 0, stats_dir=None,
-                target_cache_dir=None) -> dict:
-    """Compute and apply the edit of `requests` (one batch) in place; returns a JSON-able report."""
+                target_cache_dir=None, prefix_cache=True) -> dict:
+    """Compute and apply the edit of `requests` (one batch) in place; returns a JSON-able report with the
+    seconds spent per phase (templates, statistics, targets, keys, solve)."""
     started = time.time()
+    phases = {"templates": 0.0, "statistics": 0.0, "targets": 0.0, "keys": 0.0, "solve": 0.0}
+    clock = [time.perf_counter()]
+
+    def lap(phase):
+        now = time.perf_counter()
+        phases[phase] += now - clock[0]
+        clock[0] = now
+
     names = module_names(model, hp.module_overrides())
     last_layer = num_layers(model) - 1
     if hp.v_loss_layer != last_layer:
@@ -157,13 +166,17 @@ def edit_layers(model, tok, requests, hp, objective: Objective, seed: int = 0, s
     target_module = (names.mlp_module_tmp if value_at_mlp else names.layer_module_tmp).format(target_layer)
     templates = keyvals.context_templates(model, tok, hp.context_template_length_params, seed,
                                           flat=objective.flat_templates)
+    lap("templates")
     targets = keyvals.compute_targets(model, tok, target_module, requests, templates, hp,
-                                      cache_dir=target_cache_dir, model_key=list(model_identity(model)))
+                                      cache_dir=target_cache_dir, model_key=list(model_identity(model)),
+                                      prefix_cache=prefix_cache)
+    lap("targets")
     report = {"objective": objective.name, "target_module": target_module, "batch_size": len(requests),
               "target_optimisation": targets.info, "layers": []}
     # C0 of every edited layer before any layer changes: the statistics describe the unedited model.
     moments = _layer_moments(model, tok, hp, names, stats_dir)
     cache = _CACHES[model]
+    lap("statistics")
     for i, layer in enumerate(hp.layers):
         rewrite_module = names.rewrite_module_tmp.format(layer)
         module = get_module(model, rewrite_module)
@@ -175,6 +188,7 @@ def edit_layers(model, tok, requests, hp, objective: Objective, seed: int = 0, s
             constraint_keys = keys.averaged
             current = keyvals.module_output_at_subject(model, tok, target_module, requests, hp.fact_token)
             residual = (targets.targets - current) / (len(hp.layers) - i)
+        lap("keys")
 
         moment = moments[layer]
         key_matrix = keys.averaged.T.to(moment.matrix.device)
@@ -192,18 +206,22 @@ def edit_layers(model, tok, requests, hp, objective: Objective, seed: int = 0, s
         add_update(module, delta.to(device=weight.device, dtype=weight.dtype))
         report["layers"].append({"layer": layer, "module": rewrite_module, "statistics": stats_info,
                                  "solver": diagnostics, "weight_norm": weight.norm().item()})
+        lap("solve")
     report["seconds"] = time.time() - started
+    report["phase_seconds"] = phases
     return report
 
 
 def apply_to_model(model, tok, requests, hp, objective_for, *, copy=False, return_orig_weights=False,
-                   one_at_a_time=False, report=None, seed=0, stats_dir=None, target_cache_dir=None):
+                   one_at_a_time=False, report=None, seed=0, stats_dir=None, target_cache_dir=None,
+                   prefix_cache=True):
     """The body every apply_<alg>_to_model shares. `objective_for(batch_size)` gives the Objective.
 
     one_at_a_time: ROME writes each fact by its own rank-one edit, in order, on the model edited so far.
     report: a dict to receive {"batches": [per-batch reports]} (optional).
     target_cache_dir: reuse target vectors computed earlier for the same request on the same unedited weights
     (only valid when the model is unedited, e.g. batched evaluation that restores weights).
+    prefix_cache: False runs the baseline target optimisation (every token every step; for benchmarks).
     Returns (model, orig_weights): orig_weights holds copies of the changed matrices if asked, else {}.
     """
     if copy:
@@ -214,7 +232,7 @@ def apply_to_model(model, tok, requests, hp, objective_for, *, copy=False, retur
     batches = [[r] for r in requests] if one_at_a_time else [list(requests)]
     # Only the first batch sees the unedited weights that the target cache is keyed by.
     reports = [edit_layers(model, tok, batch, hp, objective_for(len(batch)), seed, stats_dir,
-                           target_cache_dir if i == 0 else None)
+                           target_cache_dir if i == 0 else None, prefix_cache)
                for i, batch in enumerate(batches)]
     if report is not None:
         report["batches"] = reports

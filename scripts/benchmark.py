@@ -8,6 +8,11 @@ Sections (pick with --only):
            rho = 1), and B×B with the cached Cholesky factor vs a fresh d_k×d_k solve per batch as the
            reference code does it; with the largest relative difference between the Δs.
   targets  keyvals.compute_targets for 4 CounterFact requests, optimised together vs one at a time.
+  eval     CounterFact case metrics (rewrite, paraphrase and neighbourhood prompts, both targets) with shared
+           prompt prefixes vs the baseline (every prompt + target row), per case, and the largest NLL difference.
+  e2e      a CounterFact run with EMMET (hparams/EMMET/smollm2-135m.json) at batch 1 and 8: per case, evaluation
+           before and after plus the edit, with both prefix caches vs neither (today's baseline); the time per
+           phase (templates, statistics, targets, keys, solve, evaluation) and the ratios.
   prefix   the target optimisation with the prefix cache (tokens before the subject run once) vs the
            baseline (every token every step), for EMMET's and ROME's templates at batch 1 and 16: seconds per
            edit, speed-up and the largest relative difference of the target vectors.
@@ -46,7 +51,7 @@ from util.arch import get_module, module_names, num_layers, weight_as_out_in
 from util.globals import REPO_ROOT
 from util.models import load_model, model_identity
 
-SECTIONS = ("stats", "solver", "targets", "prefix")
+SECTIONS = ("stats", "solver", "targets", "prefix", "eval", "e2e")
 # A timed call is repeated (up to --repeats) only while the runs so far took less than this in total.
 REPEAT_BUDGET_S = 1.0
 # Real CounterFact cases (ROME schema: `prompt` holds "{}" for the subject); case ids 0, 13, 18, 70.
@@ -104,6 +109,10 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=5, help="targets, prefix: v_num_grad_steps (default 5)")
     parser.add_argument("--prefix_batches", type=int, nargs="+", default=[1, 16],
                         help="prefix: batch sizes (requests optimised together; default 1 16)")
+    parser.add_argument("--eval_cases", type=int, default=10, help="eval: CounterFact cases (default 10)")
+    parser.add_argument("--e2e_batches", type=int, nargs="+", default=[1, 8],
+                        help="e2e: EMMET batch sizes; each runs that many cases (default 1 8)")
+    parser.add_argument("--e2e_cases", type=int, default=4, help="e2e: cases at batch size 1 (default 4)")
     parser.add_argument("--data_dir", default=str(REPO_ROOT.parent / "shared" / "data"),
                         help="prefix: data dir with CounterFact (default: ../shared/data beside the repo)")
     args = parser.parse_args(argv)
@@ -298,6 +307,93 @@ def bench_prefix(model, tok, args) -> None:
                                       "max target rel diff"], rows)
 
 
+def bench_eval(model, tok, args) -> None:
+    from experiments.metrics.counterfact import counterfact_metrics_many
+
+    records = rome_schema_records(args.data_dir, args.eval_cases)
+    rows, results = [], {}
+    for label, shared, per_call in (("baseline, one case per call", False, 1), ("shared prefixes, one case", True, 1),
+                                    (f"shared prefixes, {len(records)} cases per call", True, len(records))):
+        def run():
+            return [m for start in range(0, len(records), per_call)
+                    for m in counterfact_metrics_many(model, tok, records[start:start + per_call],
+                                                      share_prefixes=shared)]
+        results[label], seconds = best_time(args.repeats, run)
+        rows.append([label, seconds / len(records)])
+    baseline = next(iter(results.values()))
+
+    def nlls(metrics):
+        return torch.tensor([pair[t] for case in metrics for group in case.values() for pair in group
+                             for t in ("target_new", "target_true")], dtype=torch.float64)
+
+    for row, metrics in zip(rows, results.values()):
+        row += [rows[0][1] / row[1], ((nlls(metrics) - nlls(baseline)).abs() / nlls(baseline).abs()).max().item()]
+    print_table(f"eval: CounterFact case metrics ({len(records)} ROME-schema cases, 13 prompts x 2 targets each); "
+                "baseline = every prompt + target row", ["mode", "s/case", "speed-up", "max NLL rel diff"], rows)
+
+
+def rome_schema_records(data_dir: str, n: int) -> list:
+    """The first n CounterFact records of the ROME-schema copy (2 paraphrases, 10 neighbourhood prompts)."""
+    from dsets import load_records
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "counterfact_rome").symlink_to(Path(data_dir).resolve() / "counterfact_rome")
+        return list(load_records("cf", tmp, n))
+
+
+def bench_e2e(model, tok, args) -> None:
+    from algs import get_algorithm
+    from algs.distribute import orig_weights, prepare_unedited, restore_weights
+    from experiments.metrics.counterfact import counterfact_metrics_many
+
+    hparams_class, apply = get_algorithm("EMMET")
+    hp = hparams_class.from_json(REPO_ROOT / "hparams" / "EMMET" / "smollm2-135m.json")
+    hp.mom2_dataset = args.corpus
+    with tempfile.TemporaryDirectory() as stats_dir:
+        started = time.perf_counter()
+        prepare_unedited(model, tok, hp, args.seed, stats_dir)  # templates and C0, shared by both modes
+        prepare_seconds = time.perf_counter() - started
+        saved = orig_weights(model, hp)
+        rows = []
+        for batch in args.e2e_batches:
+            n_cases = args.e2e_cases if batch == 1 else batch
+            records = rome_schema_records(args.data_dir, n_cases)
+            totals = {}
+            for fast in (False, True):
+                phases = {"targets": 0.0, "keys": 0.0, "solve": 0.0, "other edit": 0.0, "evaluation": 0.0}
+                for start in range(0, n_cases, batch):
+                    chunk = records[start:start + batch]
+                    tick = time.perf_counter()
+                    counterfact_metrics_many(model, tok, chunk, share_prefixes=fast)
+                    phases["evaluation"] += time.perf_counter() - tick
+                    report, tick = {}, time.perf_counter()
+                    apply(model, tok, [{"case_id": r["case_id"], **r["requested_rewrite"]} for r in chunk], hp,
+                          report=report, seed=args.seed, stats_dir=stats_dir, prefix_cache=fast)
+                    edit_seconds = time.perf_counter() - tick
+                    for name, seconds in report["batches"][0]["phase_seconds"].items():
+                        key = name if name in phases else "other edit"
+                        phases[key] += seconds
+                        edit_seconds -= seconds
+                    phases["other edit"] += edit_seconds
+                    tick = time.perf_counter()
+                    counterfact_metrics_many(model, tok, chunk, share_prefixes=fast)
+                    phases["evaluation"] += time.perf_counter() - tick
+                    restore_weights(model, saved)
+                totals[fast] = phases
+            for fast in (False, True):
+                phases = totals[fast]
+                edit = sum(v for k, v in phases.items() if k != "evaluation")
+                rows.append([f"batch {batch}, " + ("both prefix caches" if fast else "baseline"),
+                             *(phases[k] / n_cases for k in phases), edit / n_cases,
+                             sum(phases.values()) / n_cases])
+            base, new = (sum(totals[f].values()) for f in (False, True))
+            edit_base, edit_new = (sum(v for k, v in totals[f].items() if k != "evaluation") for f in (False, True))
+            rows.append([f"batch {batch}: speed-up", "", "", "", "", "", edit_base / edit_new, base / new])
+    print_table(f"e2e: EMMET on smollm2-135m, seconds per case (pre + post evaluation, edit); templates and C0 "
+                f"prepared once in {prepare_seconds:.1f} s (statistics cached)",
+                ["run", "targets", "keys", "solve", "other edit", "evaluation", "edit", "total"], rows)
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -306,7 +402,7 @@ def main(argv=None):
           f"thread(s); all figures measured in this run")
     try:
         model = tok = None
-        if {"stats", "targets", "prefix"} & set(args.only):
+        if {"stats", "targets", "prefix", "eval", "e2e"} & set(args.only):
             model, tok = load_model(args.model)
         if "stats" in args.only:
             bench_stats(model, tok, args)
@@ -316,6 +412,10 @@ def main(argv=None):
             bench_targets(model, tok, args)
         if "prefix" in args.only:
             bench_prefix(model, tok, args)
+        if "eval" in args.only:
+            bench_eval(model, tok, args)
+        if "e2e" in args.only:
+            bench_e2e(model, tok, args)
     except (ValueError, RuntimeError, OSError) as error:  # bad input: a message, not a traceback
         raise SystemExit(f"benchmark: {error}")
     print(f"\ntotal wall time {time.perf_counter() - started:.1f} s")

@@ -53,3 +53,34 @@ def test_the_optimised_vector_changes_the_prediction(embedded_tokenizer):
                                        prefix_cache=True)
     assert [info["stopped_by"] for info in result.info[:2]] == ["loss", "loss"]  # NLL driven below 5e-2
     assert ((result.targets - result.initial).norm(dim=1) > 0).all()
+
+
+def test_edit_through_either_path_writes_the_same_update(embedded_tokenizer, tmp_path):
+    """apply_*(..., prefix_cache=False) is the baseline switch; both give the same Δ, and the report times
+    each phase of the edit."""
+    from algs.distribute import orig_weights
+    from tests.test_engine import EDIT_REQUESTS
+
+    tok = embedded_tokenizer
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(" ".join(f"word{(i * 7 + j) % 97} and text {j}." for j in range(20))
+                                  for i in range(60)))
+    model = editable_model("llama", tok)
+    hp = get_algorithm("EMMET")[0].from_dict({
+        "layers": [EDIT_LAYER], "v_num_grad_steps": 6, "v_lr": 0.5, "v_loss_layer": N_LAYER - 1,
+        "v_weight_decay": 1e-3, "clamp_norm_factor": 10.0, "kl_factor": 0.0625,
+        "context_template_length_params": TEMPLATE_LENGTHS, "mom2_dataset": str(corpus), "dynamic": True,
+        "dynamic_multiplier": 4, "mom2_update_weight": 100.0})
+    _, apply = get_algorithm("EMMET")
+    original = orig_weights(model, hp)
+    deltas = {}
+    for cached in (False, True):
+        report = {}
+        edited, _ = apply(model, tok, EDIT_REQUESTS, hp, copy=True, stats_dir=tmp_path / "stats", report=report,
+                          prefix_cache=cached)
+        deltas[cached] = {name: w - original[name] for name, w in orig_weights(edited, hp).items()}
+        phases = report["batches"][0]["phase_seconds"]
+        assert set(phases) == {"templates", "statistics", "targets", "keys", "solve"}
+        assert phases["targets"] > 0 and sum(phases.values()) <= report["batches"][0]["seconds"] + 1e-3
+    for name, delta in deltas[False].items():
+        assert (deltas[True][name] - delta).norm() <= 1e-4 * delta.norm()

@@ -64,8 +64,10 @@ class TargetScores:
     correct: list[bool]
 
 
-def score_targets(model, tok, prefixes, targets, batch_size=DEFAULT_BATCH_SIZE) -> list[TargetScores]:
-    """Teacher-forced scores of each target after its prefix, in right-padded batches."""
+def score_targets(model, tok, prefixes, targets, batch_size=DEFAULT_BATCH_SIZE,
+                  share_prefixes=True) -> list[TargetScores]:
+    """Teacher-forced scores of each target after its prefix. share_prefixes: each distinct prefix runs once
+    and its targets continue from its key/value cache; False (the baseline) runs every prefix + target row."""
     if len(prefixes) != len(targets):
         raise ValueError(f"{len(prefixes)} prefixes but {len(targets)} targets")
     pairs = []
@@ -82,7 +84,7 @@ def score_targets(model, tok, prefixes, targets, batch_size=DEFAULT_BATCH_SIZE) 
     for indices in length_batches([len(prefix) for prefix in prefixes], batch_size):
         groups = [by_prefix[prefixes[i]] for i in indices]
         shared = _score_shared_prefixes(model, tok, [list(prefixes[i]) for i in indices],
-                                        [[pairs[j][1] for j in group] for group in groups])
+                                        [[pairs[j][1] for j in group] for group in groups]) if share_prefixes else None
         members = [j for group in groups for j in group]
         for index, score in zip(members, shared if shared is not None else
                                 _score_batch(model, tok, [pairs[j] for j in members])):
@@ -147,9 +149,10 @@ def _score_batch(model, tok, pairs) -> list[TargetScores]:
     return scores
 
 
-def target_nll(model, tok, prefixes, targets, batch_size=DEFAULT_BATCH_SIZE) -> list[float]:
+def target_nll(model, tok, prefixes, targets, batch_size=DEFAULT_BATCH_SIZE, share_prefixes=True) -> list[float]:
     """SPEC §6 score: mean per-token NLL of " " + target after the prefix, one per (prefix, target) pair."""
-    return [-sum(s.log_probs) / len(s.log_probs) for s in score_targets(model, tok, prefixes, targets, batch_size)]
+    return [-sum(s.log_probs) / len(s.log_probs)
+            for s in score_targets(model, tok, prefixes, targets, batch_size, share_prefixes)]
 
 
 def counterfact_case_metrics(model, tok, record: dict, generation=None, batch_size=DEFAULT_BATCH_SIZE) -> dict:
@@ -165,9 +168,10 @@ def counterfact_case_metrics(model, tok, record: dict, generation=None, batch_si
     return metrics
 
 
-def counterfact_metrics_many(model, tok, records: list, batch_size=DEFAULT_BATCH_SIZE) -> list[dict]:
+def counterfact_metrics_many(model, tok, records: list, batch_size=DEFAULT_BATCH_SIZE,
+                             share_prefixes=True) -> list[dict]:
     """counterfact_case_metrics (without generation) of many cases, their prompts batched together:
-    the retention re-scoring of every case edited so far."""
+    the retention re-scoring of every case edited so far. share_prefixes=False: the baseline scoring."""
     target_pairs, layouts = [], []
     for record in records:
         target_new = record_field(record, "requested_rewrite", "target_new", "str")
@@ -179,7 +183,8 @@ def counterfact_metrics_many(model, tok, records: list, batch_size=DEFAULT_BATCH
         target_pairs += [(prompt, target) for prompts in groups.values() for prompt in prompts
                          for target in (target_new, target_true)]
         layouts.append({key: len(prompts) for key, prompts in groups.items()})
-    nlls = iter(target_nll(model, tok, [p for p, _ in target_pairs], [t for _, t in target_pairs], batch_size))
+    nlls = iter(target_nll(model, tok, [p for p, _ in target_pairs], [t for _, t in target_pairs], batch_size,
+                           share_prefixes))
     return [{f"{key}_nll": [{"target_new": next(nlls), "target_true": next(nlls)} for _ in range(count)]
              for key, count in layout.items()} for layout in layouts]
 
