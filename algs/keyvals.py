@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from util.generate import generate_texts
 from util.io import write_tensors_atomic
-from util.tokens import pad_batch, prompt_token_ids, subject_token_index, target_token_ids
+from util.tokens import length_batches, pad_batch, prompt_token_ids, subject_token_index, target_token_ids
 from util.prefix_cache import PrefixCache
 from util.tracing import add_at_positions, frozen, run_until, trace_modules
 
@@ -49,14 +49,16 @@ def _fill(template: str, request: dict) -> str:
 
 
 def _forward_rows(model, tok, rows, module_name, batch_size, read):
-    """Run rows of (token ids, position) through the model up to `module_name`; returns stacked `read(trace, i, pos)`."""
-    out = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
+    """Run rows of (token ids, position) through the model up to `module_name`, in batches of similar length
+    (little padding); returns `read(trace, i, pos)` stacked in the rows' order."""
+    out = [None] * len(rows)
+    for indices in length_batches([len(ids) for ids, _ in rows], batch_size):
+        chunk = [rows[i] for i in indices]
         batch = pad_batch(tok, [ids for ids, _ in chunk], "right", device=model.device)
         with torch.no_grad(), trace_modules(model, [module_name], retain_input=True, stop_after=module_name) as tr:
             run_until(model, **batch)
-        out.extend(read(tr[module_name], i, pos) for i, (_, pos) in enumerate(chunk))
+        for row, (index, (_, pos)) in enumerate(zip(indices, chunk)):
+            out[index] = read(tr[module_name], row, pos)
     return torch.stack(out)
 
 

@@ -47,7 +47,7 @@ from algs.distribute import load_sequential_state, orig_weights, prepare_unedite
 from algs.second_moment import HUB_CORPORA, CorpusUnavailable, check_corpus
 from experiments import lifelong
 from dsets import DATASETS, AttributeSnippets, DatasetNotFound, get_tfidf_vectorizer, load_records
-from experiments.metrics.counterfact import counterfact_case_metrics
+from experiments.metrics.counterfact import counterfact_metrics_many
 from experiments.metrics.generation import GenerationSettings
 from experiments.metrics.zsre import zsre_case_metrics
 from util import globals as G
@@ -445,19 +445,24 @@ class Session:
     perplexity_source: dict | None
 
 
-def case_metrics(session: Session, index: int) -> tuple[dict, str]:
-    """Metrics of record `index` on the model as it is now, and whether the generation tests ran (or why not)."""
-    args, record = session.args, session.records[index]
+def batch_metrics(session: Session, indices: list) -> list[tuple[dict, str]]:
+    """Per record of `indices`, its metrics on the model as it is now (CounterFact: the prompts of every case
+    of the batch scored together) and whether the generation tests ran (or why not)."""
+    args, records = session.args, [session.records[i] for i in indices]
     if args.ds_name == "zsre":
-        return zsre_case_metrics(session.model, session.tok, record), "skipped: zsRE has no generation tests"
-    if session.generation is None:
-        skipped = session.generation_info["reason"]
-    elif index % args.generation_test_interval != 0:
-        skipped = (f"case {index} of the dataset is not a multiple of --generation_test_interval "
-                   f"{args.generation_test_interval}")
-    else:
-        return counterfact_case_metrics(session.model, session.tok, record, generation=session.generation), "run"
-    return counterfact_case_metrics(session.model, session.tok, record), f"skipped: {skipped}"
+        return [(zsre_case_metrics(session.model, session.tok, record), "skipped: zsRE has no generation tests")
+                for record in records]
+    results = []
+    for index, record, metrics in zip(indices, records, counterfact_metrics_many(session.model, session.tok, records)):
+        if session.generation is None:
+            results.append((metrics, f"skipped: {session.generation_info['reason']}"))
+        elif index % args.generation_test_interval != 0:
+            results.append((metrics, f"skipped: case {index} of the dataset is not a multiple of "
+                                     f"--generation_test_interval {args.generation_test_interval}"))
+        else:
+            results.append(({**metrics, "generation": session.generation.evaluate(session.model, session.tok,
+                                                                                   record)}, "run"))
+    return results
 
 
 def case_edit_reports(report: dict, n_requests: int) -> list[dict]:
@@ -487,7 +492,7 @@ def run_batch(session: Session, batch: int, indices: list, edits_done: int) -> N
     args, run_dir = session.args, session.run_dir
     records = [session.records[i] for i in indices]
     case_ids = [record["case_id"] for record in records]
-    pre = [case_metrics(session, i) for i in indices]
+    pre = batch_metrics(session, indices)
     saved = orig_weights(session.model, session.hp)
     if args.conserve_memory:
         saved = {name: weight.cpu() for name, weight in saved.items()}
@@ -497,7 +502,7 @@ def run_batch(session: Session, batch: int, indices: list, edits_done: int) -> N
         first_edit = report["batches"][0]
         session.params["statistics"] = {layer["module"]: layer["statistics"] for layer in first_edit["layers"]}
         write_json_atomic(run_dir / PARAMS_FILE, session.params)
-    post = [case_metrics(session, i)[0] for i in indices]
+    post = [metrics for metrics, _ in batch_metrics(session, indices)]
     norms = lifelong.weight_norms(orig_weights(session.model, session.hp), session.initial_weights, saved)
     if not args.sequential:
         restore_weights(session.model, saved)

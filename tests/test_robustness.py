@@ -23,7 +23,8 @@ from algs import get_algorithm
 from algs.hparams import HparamsError
 from experiments import evaluate_unified_editing as cli
 from experiments import summarize
-from experiments.metrics.counterfact import length_batches, score_targets
+from experiments.metrics.counterfact import score_targets
+from util.tokens import length_batches
 from tests.conftest import make_tiny_model
 from tests.test_cli import (N_LAYER, NUM_EDITS, argv_for, one_thread, read_cases, wait_for,  # noqa: F401
                             write_hparams, ws)

@@ -92,3 +92,18 @@ def pad_batch(tok, sequences, padding_side: str = "right", device=None) -> dict:
         input_ids[row, start:start + len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, start:start + len(ids)] = 1
     return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+
+
+MAX_BATCH_TOKENS = 4096  # padded tokens per batch in length_batches
+
+
+def length_batches(lengths: list[int], batch_size: int, max_tokens: int = MAX_BATCH_TOKENS) -> list[list[int]]:
+    """Indices grouped by length, shortest first, into batches of at most `batch_size` rows and `max_tokens`
+    padded tokens: a long prompt is padded together with similar ones only, never the rest."""
+    batches, current = [], []
+    for index in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if current and (len(current) == batch_size or (len(current) + 1) * lengths[index] > max_tokens):
+            batches.append(current)
+            current = []
+        current.append(index)
+    return batches + [current] if current else batches

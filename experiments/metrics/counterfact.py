@@ -13,12 +13,11 @@ from dataclasses import dataclass
 import torch
 
 from util.prefix_cache import PrefixCache
-from util.tokens import pad_batch, prompt_token_ids, target_token_ids
+from util.tokens import length_batches, pad_batch, prompt_token_ids, target_token_ids
 
 DEFAULT_BATCH_SIZE = 64
 # Padded tokens (rows × longest row) per forward pass: the logits are that many vocabulary-sized rows, so one
 # 2,400-token prompt padded into a batch of 64 would take ~12 GB. Typical batches (64 × <= 64 tokens) fit.
-MAX_BATCH_TOKENS = 4096
 
 # (metrics key, success score, magnitude score, the target the model should prefer)
 SCORED_GROUPS = (
@@ -116,18 +115,6 @@ def _score_shared_prefixes(model, tok, prefixes, targets_per_prefix) -> list[Tar
             scores.append(TargetScores(log_probs=log_probs.gather(1, target_ids[:, None]).squeeze(1).tolist(),
                                        correct=(log_probs.argmax(dim=-1) == target_ids).tolist()))
     return scores
-
-
-def length_batches(lengths: list[int], batch_size: int, max_tokens: int = MAX_BATCH_TOKENS) -> list[list[int]]:
-    """Indices grouped by length, shortest first, into batches of at most `batch_size` rows and `max_tokens`
-    padded tokens: a long prompt is padded together with similar ones only, never the rest."""
-    batches, current = [], []
-    for index in sorted(range(len(lengths)), key=lambda i: lengths[i]):
-        if current and (len(current) == batch_size or (len(current) + 1) * lengths[index] > max_tokens):
-            batches.append(current)
-            current = []
-        current.append(index)
-    return batches + [current] if current else batches
 
 
 def _score_batch(model, tok, pairs) -> list[TargetScores]:
