@@ -15,7 +15,7 @@ import torch
 
 from algs import keyvals
 from algs.pm_solver import FactorCache, ObjectiveParams, PreservationFactor, null_space_basis, solve_update
-from algs.second_moment import SecondMoment, layer_second_moment
+from algs.second_moment import SecondMoment, layer_second_moments
 from util.arch import get_module, module_names, num_layers, add_update, weight_as_out_in
 from util.models import model_identity
 
@@ -76,12 +76,17 @@ def load_sequential_state(model, state: dict) -> None:
     cache.prev_keys_cov = {name: cov.to(torch.float64) for name, cov in state.items()}
 
 
-def second_moment_for(model, tok, hp, rewrite_module: str, stats_dir=None):
+def second_moment_for(model, tok, hp, rewrite_module: str, stats_dir=None, published_stats_dir=None):
+    return second_moments_for(model, tok, hp, [rewrite_module], stats_dir, published_stats_dir)[rewrite_module]
+
+
+def second_moments_for(model, tok, hp, rewrite_modules: list, stats_dir=None, published_stats_dir=None) -> dict:
+    """{module: C0} of the hparams' statistics; the missing ones in one pass (or from published .npz files)."""
     model_id, revision = model_identity(model)
-    return layer_second_moment(
-        model, tok, rewrite_module, corpus=hp.mom2_dataset, dynamic=hp.dynamic,
+    return layer_second_moments(
+        model, tok, rewrite_modules, corpus=hp.mom2_dataset, dynamic=hp.dynamic,
         dynamic_multiplier=hp.dynamic_multiplier, n_samples=hp.mom2_n_samples, model_id=model_id,
-        model_revision=revision, dtype=hp.mom2_dtype, stats_dir=stats_dir,
+        model_revision=revision, dtype=hp.mom2_dtype, stats_dir=stats_dir, published_stats_dir=published_stats_dir,
     )
 
 
@@ -89,17 +94,9 @@ def _key_dim(model, rewrite_module: str) -> int:
     return weight_as_out_in(get_module(model, rewrite_module)).shape[1]
 
 
-def _second_moment(cache, model, tok, hp, rewrite_module, d_k, stats_dir):
-    """C0 from memory, else from second_moment (disk cache or computed); identity when mom2_adjustment is off."""
-    key = (rewrite_module, hp.mom2_adjustment, hp.mom2_dataset, hp.dynamic, hp.dynamic_multiplier,
-           hp.mom2_n_samples, hp.mom2_dtype, str(stats_dir))
-    if key not in cache.moments:
-        if hp.mom2_adjustment:
-            cache.moments[key] = second_moment_for(model, tok, hp, rewrite_module, stats_dir)
-        else:
-            cache.moments[key] = SecondMoment(torch.eye(d_k, dtype=torch.float64), 0, 0, "none (identity)",
-                                              "not used", None)
-    return cache.moments[key]
+def _moment_key(hp, rewrite_module, stats_dir, published_stats_dir) -> tuple:
+    return (rewrite_module, hp.mom2_adjustment, hp.mom2_dataset, hp.dynamic, hp.dynamic_multiplier,
+            hp.mom2_n_samples, hp.mom2_dtype, str(stats_dir), str(published_stats_dir))
 
 
 def _null_space(cache, rewrite_module: str, moment, threshold: float):
@@ -125,15 +122,25 @@ def _preservation(cache, rewrite_module: str, moment, hp, solver: ObjectiveParam
                               prev_keys_cov=prev.to(device), basis=basis)
 
 
-def _layer_moments(model, tok, hp, names, stats_dir) -> dict:
-    """{layer: SecondMoment} for every edited layer, from the per-model cache when already made."""
+def _layer_moments(model, tok, hp, names, stats_dir, published_stats_dir=None) -> dict:
+    """{layer: SecondMoment} for every edited layer, from the per-model cache when already made; the others
+    from second_moment (disk cache, published files, or one pass for all); identity when mom2_adjustment is off."""
     cache = _CACHES.setdefault(model, _LayerCache())
-    return {layer: _second_moment(cache, model, tok, hp, names.rewrite_module_tmp.format(layer),
-                                  _key_dim(model, names.rewrite_module_tmp.format(layer)), stats_dir)
-            for layer in hp.layers}
+    modules = {layer: names.rewrite_module_tmp.format(layer) for layer in hp.layers}
+    missing = [module for module in modules.values()
+               if _moment_key(hp, module, stats_dir, published_stats_dir) not in cache.moments]
+    if missing and hp.mom2_adjustment:
+        made = second_moments_for(model, tok, hp, missing, stats_dir, published_stats_dir)
+    else:
+        made = {module: SecondMoment(torch.eye(_key_dim(model, module), dtype=torch.float64), 0, 0,
+                                     "none (identity)", "not used", None) for module in missing}
+    for module, moment in made.items():
+        cache.moments[_moment_key(hp, module, stats_dir, published_stats_dir)] = moment
+    return {layer: cache.moments[_moment_key(hp, module, stats_dir, published_stats_dir)]
+            for layer, module in modules.items()}
 
 
-def prepare_unedited(model, tok, hp, seed: int = 0, stats_dir=None) -> None:
+def prepare_unedited(model, tok, hp, seed: int = 0, stats_dir=None, published_stats_dir=None) -> None:
     """Make now, on the model as it is, what edits take from the unedited model: context templates and C0.
 
     Edits make them on first use; a run that loads edited weights before its first edit (a resumed
@@ -141,11 +148,11 @@ def prepare_unedited(model, tok, hp, seed: int = 0, stats_dir=None) -> None:
     """
     for flat in (False, True):
         keyvals.context_templates(model, tok, hp.context_template_length_params, seed, flat=flat)
-    _layer_moments(model, tok, hp, module_names(model, hp.module_overrides()), stats_dir)
+    _layer_moments(model, tok, hp, module_names(model, hp.module_overrides()), stats_dir, published_stats_dir)
 
 
 def edit_layers(model, tok, requests, hp, objective: Objective, seed: int = 0, stats_dir=None,
-                target_cache_dir=None, prefix_cache=True) -> dict:
+                target_cache_dir=None, prefix_cache=True, published_stats_dir=None) -> dict:
     """Compute and apply the edit of `requests` (one batch) in place; returns a JSON-able report with the
     seconds spent per phase (templates, statistics, targets, keys, solve)."""
     started = time.time()
@@ -174,7 +181,7 @@ def edit_layers(model, tok, requests, hp, objective: Objective, seed: int = 0, s
     report = {"objective": objective.name, "target_module": target_module, "batch_size": len(requests),
               "target_optimisation": targets.info, "layers": []}
     # C0 of every edited layer before any layer changes: the statistics describe the unedited model.
-    moments = _layer_moments(model, tok, hp, names, stats_dir)
+    moments = _layer_moments(model, tok, hp, names, stats_dir, published_stats_dir)
     cache = _CACHES[model]
     lap("statistics")
     for i, layer in enumerate(hp.layers):
@@ -201,7 +208,8 @@ def edit_layers(model, tok, requests, hp, objective: Objective, seed: int = 0, s
             written = key_matrix.to(torch.float64) @ key_matrix.to(torch.float64).mT
             previous = cache.prev_keys_cov.get(rewrite_module)
             cache.prev_keys_cov[rewrite_module] = (written.cpu() if previous is None else previous + written.cpu())
-        stats_info = {"corpus": moment.corpus, "n_tokens": moment.n_tokens, "cache": moment.cache}
+        stats_info = {"corpus": moment.corpus, "n_tokens": moment.n_tokens, "cache": moment.cache,
+                      **({"published": moment.provenance} if moment.provenance else {})}
         weight = weight_as_out_in(module)
         add_update(module, delta.to(device=weight.device, dtype=weight.dtype))
         report["layers"].append({"layer": layer, "module": rewrite_module, "statistics": stats_info,
@@ -214,7 +222,7 @@ def edit_layers(model, tok, requests, hp, objective: Objective, seed: int = 0, s
 
 def apply_to_model(model, tok, requests, hp, objective_for, *, copy=False, return_orig_weights=False,
                    one_at_a_time=False, report=None, seed=0, stats_dir=None, target_cache_dir=None,
-                   prefix_cache=True):
+                   prefix_cache=True, published_stats_dir=None):
     """The body every apply_<alg>_to_model shares. `objective_for(batch_size)` gives the Objective.
 
     one_at_a_time: ROME writes each fact by its own rank-one edit, in order, on the model edited so far.
@@ -222,6 +230,7 @@ def apply_to_model(model, tok, requests, hp, objective_for, *, copy=False, retur
     target_cache_dir: reuse target vectors computed earlier for the same request on the same unedited weights
     (only valid when the model is unedited, e.g. batched evaluation that restores weights).
     prefix_cache: False runs the baseline target optimisation (every token every step; for benchmarks).
+    published_stats_dir: read C0 from the reference repos' .npz statistics there (algs.second_moment).
     Returns (model, orig_weights): orig_weights holds copies of the changed matrices if asked, else {}.
     """
     if copy:
@@ -232,7 +241,7 @@ def apply_to_model(model, tok, requests, hp, objective_for, *, copy=False, retur
     batches = [[r] for r in requests] if one_at_a_time else [list(requests)]
     # Only the first batch sees the unedited weights that the target cache is keyed by.
     reports = [edit_layers(model, tok, batch, hp, objective_for(len(batch)), seed, stats_dir,
-                           target_cache_dir if i == 0 else None, prefix_cache)
+                           target_cache_dir if i == 0 else None, prefix_cache, published_stats_dir)
                for i, batch in enumerate(batches)]
     if report is not None:
         report["batches"] = reports

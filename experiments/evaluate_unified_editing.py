@@ -64,7 +64,7 @@ SHARED_DATA_DIR = G.REPO_ROOT.parent / "shared" / "data"  # the demo's fallback 
 LOCAL_WIKITEXT_DIRS = ("wikitext-2", "wikitext-2-raw")  # the demo's offline statistics corpus
 # Flags that change results: a resumed run must have the same values (paths, device and memory use may differ).
 RESULT_ARGS = ("alg_name", "model_name", "ds_name", "num_edits", "sequential", "seed", "dataset_size_limit",
-               "dtype", "stats_corpus", "skip_generation_tests", "generation_test_interval",
+               "dtype", "stats_corpus", "published_stats_dir", "skip_generation_tests", "generation_test_interval",
                "retention_eval_steps", "do_downstream_eval", "downstream_eval_steps", "downstream_tasks",
                "number_of_few_shots", "number_of_tests")
 RESULT_PARAMS = ("model_id", "model_revision", "dataset_source", "num_cases")
@@ -174,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="corpus for the statistics instead of the hparams' mom2_dataset: 'wikipedia', "
                              "'wikitext-103' (need the datasets package and network) or a local text file / folder "
                              "of .txt/.raw files, e.g. ../shared/data/wikitext-2")
+    parser.add_argument("--published_stats_dir", default=None,
+                        help="read C0 from the ROME/MEMIT/EasyEdit/AlphaEdit .npz second-moment files in this folder "
+                             "(<model>/<ds>_stats/<module>_<dtype>_mom2_<n>.npz) or this file instead of computing "
+                             "it; the file, its sha256 and count go into params.json")
     lifelong_flags = parser.add_argument_group(
         "sequential (lifelong) editing", "need --sequential; every case also gets a 'final' score on the model "
         "after the last batch, and weight_norms.jsonl gets one line per batch")
@@ -211,6 +215,11 @@ def parse_args(argv: list) -> tuple[argparse.Namespace, bool]:
     check_device(args.device)
     args.results_dir = str(Path(args.results_dir or G.results_dir()).expanduser().resolve())
     args.stats_dir = str(Path(args.stats_dir or G.stats_dir()).expanduser().resolve())
+    if args.published_stats_dir is not None:
+        args.published_stats_dir = str(Path(args.published_stats_dir).expanduser().resolve())
+        if not Path(args.published_stats_dir).exists():
+            raise UsageError(f"{args.published_stats_dir} does not exist", "--published_stats_dir",
+                             "give the folder (or .npz file) of the published statistics")
     if args.stats_corpus is not None and Path(args.stats_corpus).expanduser().exists():
         args.stats_corpus = str(Path(args.stats_corpus).expanduser().resolve())
     args.downstream_tasks = [task.strip() for task in args.downstream_tasks.split(",") if task.strip()]
@@ -483,7 +492,8 @@ def edit_batch(session: Session, requests: list) -> tuple[float, dict]:
     report = {}
     started = time.perf_counter()
     session.apply(session.model, session.tok, requests, session.hp, copy=False, return_orig_weights=False,
-                  report=report, seed=args.seed, stats_dir=args.stats_dir, target_cache_dir=target_cache_dir)
+                  report=report, seed=args.seed, stats_dir=args.stats_dir, target_cache_dir=target_cache_dir,
+                  published_stats_dir=args.published_stats_dir)
     return time.perf_counter() - started, report
 
 
@@ -630,7 +640,7 @@ def prepare(args, default_run: bool) -> Session:
         log.info("--use_cache is ignored in sequential mode: each batch's targets depend on the earlier edits")
     # Templates and C0 from the unedited model now: a bad statistics corpus fails here, before any evaluation,
     # and a resumed sequential run continues exactly (its edited weights are loaded later).
-    prepare_unedited(model, tok, hp, args.seed, args.stats_dir)
+    prepare_unedited(model, tok, hp, args.seed, args.stats_dir, args.published_stats_dir)
     generation, generation_info = generation_plan(args, records, data_dir)
     initial_weights = lifelong.matrices_on_cpu(orig_weights(model, hp))
     perplexity_chunks = perplexity_source = None

@@ -4,6 +4,9 @@ Sections (pick with --only):
   stats    FastMEMIT's capped C0 (dynamic_multiplier × d_k tokens) vs a larger whole-article sample:
            time, tokens, ‖C0_cap − C0_full‖/‖C0_full‖, and the same for the EMMET (rho = 0) edit Δ solved
            from each C0 for real keys and seeded random residuals; also computing vs reading the disk cache.
+  multilayer  C0 of MEMIT's layers (hparams/MEMIT/smollm2-135m.json, or --layers) with a cold cache: one
+           forward pass for all layers vs one pass per layer (the code before the one-pass change), and
+           the one pass with float32 per-batch products: time, speed-up, largest C0 relative difference.
   solver   pm_solver.solve_update on a random SPD C0: the B×B form vs the d_k×d_k form (least squares,
            rho = 1), and B×B with the cached Cholesky factor vs a fresh d_k×d_k solve per batch as the
            reference code does it; with the largest relative difference between the Δs.
@@ -44,14 +47,16 @@ from algs.second_moment import (
     default_max_length,
     key_dim,
     layer_second_moment,
+    layer_second_moments,
     load_articles,
     sample_token_ids,
 )
 from util.arch import get_module, module_names, num_layers, weight_as_out_in
 from util.globals import REPO_ROOT
+from util.io import read_json
 from util.models import load_model, model_identity
 
-SECTIONS = ("stats", "solver", "targets", "prefix", "eval", "e2e")
+SECTIONS = ("stats", "multilayer", "solver", "targets", "prefix", "eval", "e2e")
 # A timed call is repeated (up to --repeats) only while the runs so far took less than this in total.
 REPEAT_BUDGET_S = 1.0
 # Real CounterFact cases (ROME schema: `prompt` holds "{}" for the subject); case ids 0, 13, 18, 70.
@@ -102,6 +107,8 @@ def parse_args(argv=None):
                         help="stats: the full baseline takes as many whole articles as fit in this many times "
                              "the largest cap's tokens, or the whole corpus when it is smaller (default 5; with the "
                              "default corpus, 8 takes all of it, ~122k tokens, ~2 min on one thread)")
+    parser.add_argument("--layers", type=int, nargs="+",
+                        help="multilayer: edited layers (default: those of hparams/MEMIT/smollm2-135m.json)")
     parser.add_argument("--dks", type=int, nargs="+", default=[1024, 4096],
                         help="solver: key dimensions d_k (default: 1024 4096)")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 16, 256],
@@ -203,6 +210,45 @@ def bench_stats(model, tok, args) -> None:
                 f"{len(REQUESTS)} real keys, seeded random residuals; baseline = the full sample",
                 ["sample", "tokens", "texts", "compute_s", "full/this time", "C0 rel diff", "Δ rel diff",
                  "cond(C0)", "2nd call", "compute/cache-read time", "note"], rows)
+
+
+# ---------------------------------------------------------------- 1b. one statistics pass for several layers
+
+MEMIT_HPARAMS = REPO_ROOT / "hparams" / "MEMIT" / "smollm2-135m.json"
+
+
+def bench_multilayer(model, tok, args) -> None:
+    hparams = read_json(MEMIT_HPARAMS)
+    layers = args.layers or hparams["layers"]
+    names = [module_names(model).rewrite_module_tmp.format(layer) for layer in layers]
+    model_id, revision = model_identity(model)
+    common = {"corpus": args.corpus, "dynamic": True, "dynamic_multiplier": hparams["dynamic_multiplier"],
+              "n_samples": 0, "model_id": model_id, "model_revision": revision, "seed": args.seed}
+
+    def per_layer(stats_dir):
+        return {name: layer_second_moment(model, tok, name, stats_dir=stats_dir, **common) for name in names}
+
+    def one_pass(stats_dir, accumulate_dtype="float64"):
+        return layer_second_moments(model, tok, names, stats_dir=stats_dir, accumulate_dtype=accumulate_dtype,
+                                    **common)
+
+    runs = {}
+    for label, compute in (("one pass per layer", per_layer), ("one pass, all layers", one_pass),
+                           ("one pass, float32 products", functools.partial(one_pass, accumulate_dtype="float32"))):
+        with tempfile.TemporaryDirectory(prefix="benchmark_multilayer_") as stats_dir:  # cold cache
+            runs[label] = best_time(1, compute, stats_dir)
+    (baseline, t_baseline), (exact, _) = runs["one pass per layer"], runs["one pass, all layers"]
+    rows = []
+    for label, (moments, seconds) in runs.items():
+        reference = exact if "float32" in label else baseline
+        worst = max(rel_diff(moments[name].matrix, reference[name].matrix) for name in names)
+        rows.append([label, str(len(names) if label == "one pass per layer" else 1), seconds, t_baseline / seconds,
+                     worst])
+    first = baseline[names[0]]
+    print_table(f"multilayer: C0 of {len(names)} layers {layers} ({names[0]} ...), {first.n_tokens} tokens "
+                f"(multiplier {hparams['dynamic_multiplier']:g} × d_k) of {first.corpus}, cold cache; C0 rel diff: "
+                "max over layers vs per-layer (float32 row: vs the float64 one pass)",
+                ["mode", "passes", "time_s", "per-layer/this time", "max C0 rel diff"], rows)
 
 
 # ---------------------------------------------------------------- 2. solver forms
@@ -402,10 +448,12 @@ def main(argv=None):
           f"thread(s); all figures measured in this run")
     try:
         model = tok = None
-        if {"stats", "targets", "prefix", "eval", "e2e"} & set(args.only):
+        if {"stats", "multilayer", "targets", "prefix", "eval", "e2e"} & set(args.only):
             model, tok = load_model(args.model)
         if "stats" in args.only:
             bench_stats(model, tok, args)
+        if "multilayer" in args.only:
+            bench_multilayer(model, tok, args)
         if "solver" in args.only:
             bench_solver(args)
         if "targets" in args.only:

@@ -1,20 +1,34 @@
 """Precompute and cache the second-moment statistics C0 of every edited layer of an hparams file.
 
+Every layer's statistics come from one pass over the sample. Under torchrun (WORLD_SIZE > 1) the ranks
+share the texts and all-reduce their sums (gloo on CPU, nccl on CUDA, one GPU per rank); rank 0 writes.
+
 Example (offline, embedded model, local WikiText-2):
   python scripts/collect_stats.py --model_name smollm2-135m --hparams hparams/MEMIT/smollm2-135m.json \\
       --corpus ../shared/data/wikitext-2
+  torchrun --nproc_per_node 2 scripts/collect_stats.py ...   # the same, on two processes
 """
 import argparse
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
 if __name__ == "__main__":  # run as a script: import the packages beside this file, never another checkout's
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from algs.second_moment import FORWARD_DTYPES, check_corpus, layer_second_moment
+import torch
+import torch.distributed as dist
+
+from algs.second_moment import (
+    ACCUMULATE_DTYPES,
+    DEFAULT_BATCH_TOKENS,
+    FORWARD_DTYPES,
+    check_corpus,
+    layer_second_moments,
+)
 from util.arch import module_names, num_layers
 from util.checks import check_device
 from util.errors import InputError, report
@@ -40,7 +54,17 @@ def parse_args(argv=None):
                              "`datasets` package and network) or a local text file / directory of .txt/.raw files")
     parser.add_argument("--stats_dir", type=Path,
                         help="cache folder (default: STATS_DIR of globals.yml, env KE_STATS_DIR)")
-    parser.add_argument("--device", default="cpu", help="torch device for the forward passes (default: cpu)")
+    parser.add_argument("--device", default="cpu", help="torch device for the forward passes (default: cpu; "
+                        "under torchrun 'cuda' means each rank's own GPU, LOCAL_RANK)")
+    parser.add_argument("--batch_tokens", type=int, default=DEFAULT_BATCH_TOKENS,
+                        help="padded tokens per forward pass (default %(default)s; halved by itself on out-of-memory)")
+    parser.add_argument("--accumulate_dtype", default="float64", choices=sorted(ACCUMULATE_DTYPES),
+                        help="dtype of each batch's k kᵀ, added into float64 totals (default float64; float32 is "
+                             "faster on GPUs with slow float64)")
+    parser.add_argument("--published_stats_dir", type=Path,
+                        help="read the ROME/MEMIT repos' precomputed .npz statistics from this folder (their "
+                             "stats_dir: <model>/<ds>_stats/<layer module>_<dtype>_mom2_<n>.npz) or one such file, "
+                             "instead of computing; cached in --stats_dir")
     return parser.parse_args(argv)
 
 
@@ -109,25 +133,60 @@ def collect(args):
     hparams = read_hparams(args.hparams)
     if args.layers and min(args.layers) < 0:
         raise InputError(f"layers {args.layers}", "--layers", "give layer numbers from 0")
+    if args.batch_tokens < 1:
+        raise InputError(f"batch_tokens {args.batch_tokens}", "--batch_tokens", "give a positive number of tokens")
     check_device(args.device)
-    check_corpus(args.corpus or hparams["mom2_dataset"])
-    model, tok = load_model(args.model_name, device=args.device, dtype=hparams["mom2_dtype"])
+    if args.published_stats_dir is None:
+        check_corpus(args.corpus or hparams["mom2_dataset"])
+    elif not args.published_stats_dir.exists():
+        raise InputError("no such file or folder", f"--published_stats_dir {args.published_stats_dir}",
+                         "give the reference repos' stats folder or one .npz of it")
+    distributed, device = join_process_group(args.device)
+    try:
+        collect_moments(args, hparams, distributed, device)
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+
+
+def join_process_group(device: str) -> tuple[bool, str]:
+    """(distributed, device) of this process: under torchrun (WORLD_SIZE > 1) join the process group, nccl with
+    one GPU per rank on CUDA, gloo on CPU; else (False, device)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False, device
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return True, device
+
+
+def collect_moments(args, hparams: dict, distributed: bool, device: str) -> None:
+    model, tok = load_model(args.model_name, device=device, dtype=hparams["mom2_dtype"])
     layers = args.layers or hparams["layers"]
     if max(layers) >= num_layers(model):
         raise InputError(f"layers {layers} do not fit {args.model_name}", f"{args.hparams} / --layers",
                          f"give layers below {num_layers(model)} (hparams of another model?)")
     names = module_names(model, {"rewrite_module_tmp": hparams.get("rewrite_module_tmp")})
     model_id, revision = model_identity(model)
-    for layer in layers:
-        stats = layer_second_moment(
-            model, tok, names.rewrite_module_tmp.format(layer),
-            corpus=args.corpus or hparams["mom2_dataset"],
-            dynamic=hparams.get("dynamic", False),
-            dynamic_multiplier=hparams.get("dynamic_multiplier", 0),
-            n_samples=hparams["mom2_n_samples"],
-            model_id=model_id, model_revision=revision,
-            stats_dir=args.stats_dir, dtype=hparams["mom2_dtype"], device=args.device,
-        )
+    modules = {layer: names.rewrite_module_tmp.format(layer) for layer in layers}
+    moments = layer_second_moments(
+        model, tok, list(modules.values()),
+        corpus=args.corpus or hparams["mom2_dataset"],
+        dynamic=hparams.get("dynamic", False),
+        dynamic_multiplier=hparams.get("dynamic_multiplier", 0),
+        n_samples=hparams["mom2_n_samples"],
+        model_id=model_id, model_revision=revision,
+        stats_dir=args.stats_dir, dtype=hparams["mom2_dtype"], device=device, batch_tokens=args.batch_tokens,
+        accumulate_dtype=args.accumulate_dtype, distributed=distributed,
+        published_stats_dir=args.published_stats_dir,
+    )
+    if distributed and dist.get_rank() != 0:
+        return
+    for layer, module in modules.items():
+        stats = moments[module]
         print(f"layer {layer}: {stats.cache}; {stats.n_tokens} tokens of {stats.n_texts} texts from "
               f"{stats.corpus} -> {stats.cache_path}")
 

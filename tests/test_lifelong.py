@@ -203,3 +203,24 @@ def test_killed_lifelong_run_resumes_with_every_file_once(ws, lifelong_run, tmp_
         assert ours["num_edits_done"] == theirs["num_edits_done"]
     assert cli.read_json(run_dir / "downstream_6edits.json")["perplexity"]["value"] == pytest.approx(
         cli.read_json(reference_dir / "downstream_6edits.json")["perplexity"]["value"], rel=1e-4)
+
+
+def test_cli_reads_published_statistics_and_records_their_provenance(ws, tmp_path):
+    """--published_stats_dir: C0 comes from a reference-layout .npz; params.json names the file and its sha256."""
+    import hashlib
+
+    import numpy as np
+    from tests.test_statistics_scale import write_reference_npz
+
+    g = np.random.default_rng(0)
+    keys = g.standard_normal((500, 64))
+    npz = write_reference_npz(tmp_path / "published" / "gpt2-xl" / "wikipedia_stats" /
+                              f"{REWRITE_MODULE}_float32_mom2_100000.npz", keys.T @ keys, 500)
+    argv = argv_for(ws, tmp_path / "results", "--dataset_size_limit=2", "--skip_generation_tests",
+                    f"--published_stats_dir={tmp_path / 'published'}", f"--stats_dir={tmp_path / 'stats'}")
+    assert cli.main(argv) == 0
+    params = cli.read_json(tmp_path / "results" / "EMMET" / "run_000" / "params.json")
+    published = params["statistics"][REWRITE_MODULE]["published"]
+    assert published["path"] == str(npz) and published["count"] == 500
+    assert published["sha256"] == hashlib.sha256(npz.read_bytes()).hexdigest()
+    assert params["args"]["published_stats_dir"] == str(tmp_path / "published")
