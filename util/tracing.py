@@ -85,7 +85,7 @@ def add_at_positions(hidden: torch.Tensor, rows, positions, vectors: torch.Tenso
     rows = torch.as_tensor(rows, device=hidden.device)
     positions = torch.as_tensor(positions, device=hidden.device)
     addition = torch.zeros_like(hidden)
-    addition = addition.index_put((rows, positions), vectors.to(hidden.dtype), accumulate=True)
+    addition = addition.index_put((rows, positions), vectors.to(device=hidden.device, dtype=hidden.dtype), accumulate=True)
     return hidden + addition
 
 
