@@ -54,7 +54,7 @@ from util import globals as G
 from util.checks import check_device, check_hparams_fit
 from util.errors import INPUT_ERROR_STATUS, InputError, one_line, report
 from util.io import new_run_dir, read_json, remove_temp_leftovers, write_json_atomic, write_tensors_atomic
-from util.models import DTYPES, EMBEDDED_ALIAS, load_model, model_identity
+from util.models import DTYPES, EMBEDDED_ALIAS, load_model, model_identity, parse_device_map
 
 log = logging.getLogger("evaluate_unified_editing")
 
@@ -156,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
              "ignored in sequential mode where targets depend on the earlier edits")
     parser.add_argument("--device", default=None,
                         help="torch device for the model (default: cuda if available, else cpu)")
+    parser.add_argument("--device_map", default=None, metavar="MAP",
+                        help="place the model with Accelerate's big-model loading instead of --device: auto, "
+                             "balanced, balanced_low_0, sequential, a JSON object {module: device} or a JSON file of "
+                             "one (\"disk\" offloads a module; the edited layers must stay on a GPU or the CPU)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                         help="dtype the model is loaded in (default float32); statistics keys are computed in it "
                              "and accumulated in float64")
@@ -215,6 +219,8 @@ def parse_args(argv: list) -> tuple[argparse.Namespace, bool]:
     check_device(args.device)
     args.results_dir = str(Path(args.results_dir or G.results_dir()).expanduser().resolve())
     args.stats_dir = str(Path(args.stats_dir or G.stats_dir()).expanduser().resolve())
+    if args.device_map is not None:
+        args.device_map = parse_device_map(args.device_map)
     if args.published_stats_dir is not None:
         args.published_stats_dir = str(Path(args.published_stats_dir).expanduser().resolve())
         if not Path(args.published_stats_dir).exists():
@@ -630,7 +636,8 @@ def prepare(args, default_run: bool) -> Session:
         downstream_tasks = load_downstream_tasks(health_data_dirs, args.downstream_tasks, args.number_of_few_shots,
                                                  args.number_of_tests)
     log.info("model %s on %s in %s", args.model_name, args.device, args.dtype)
-    model, tok = load_model(args.model_name, args.device, args.dtype)
+    model, tok = load_model(args.model_name, args.device, args.dtype, device_map=args.device_map,
+                            offload_folder=str(Path(args.results_dir) / ".offload"))
     check_model_fits(model, hp, path, args)
     model_id, model_revision = model_identity(model)
     log.info("model id %s, revision %s", model_id, model_revision)

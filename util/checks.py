@@ -80,12 +80,15 @@ def check_hparams_fit(model, hp, where: str) -> None:
                                            f"hparams for another model?)")
     try:
         names = module_names(model, hp.module_overrides())
-        for layer in hp.layers:
-            get_module(model, names.rewrite_module_tmp.format(layer))
+        edited = {layer: get_module(model, names.rewrite_module_tmp.format(layer)) for layer in hp.layers}
     except ValueError as error:  # an architecture without a table entry, or module names of another model
         raise InputError(f"module names do not resolve ({error})", where,
                          "set rewrite_module_tmp and the other *_module_tmp keys to this model's module names") \
             from None
+    offloaded = [layer for layer, module in edited.items() if module.weight.device.type == "meta"]
+    if offloaded:  # Accelerate's disk/meta offload: the weights are not in memory to be edited
+        raise InputError(f"the edited layers {offloaded} are offloaded (meta device)", where,
+                         "place the edited layers on a GPU or the CPU in --device_map (other layers may be offloaded)")
 
 
 def check_edit_inputs(model, requests, hp, where: str) -> None:

