@@ -30,6 +30,7 @@ class _LayerCache:
         self.moments = {}
         self.factors = FactorCache()
         self.projections = {}
+        self.on_device = {}  # (id of a CPU matrix, device) -> its copy there, kept so cached factors stay valid
         self.prev_keys_cov = {}
 
 
@@ -109,12 +110,23 @@ def _null_space(cache, rewrite_module: str, moment, threshold: float):
     return cache.projections[key]
 
 
+def _on_device(cache, matrix: torch.Tensor, device) -> torch.Tensor:
+    """`matrix` on `device`, copied once per device (the factor cache is keyed by the tensor's identity)."""
+    device = torch.device(device)
+    if matrix.device == device:
+        return matrix
+    key = (id(matrix), str(device))
+    if key not in cache.on_device:
+        cache.on_device[key] = (matrix.to(device), matrix)  # the source is held so its id stays unique
+    return cache.on_device[key][0]
+
+
 def _preservation(cache, rewrite_module: str, moment, hp, solver: ObjectiveParams, device):
     """The factor of P_t = λC0 + uI (+ S_t of earlier batches with add_prev_edits), in the null-space
     coordinates when nullspace_threshold > 0. Without S_t the per-layer cached factor is reused."""
     basis = _null_space(cache, rewrite_module, moment, hp.nullspace_threshold)
-    C0 = moment.matrix.to(device)
-    basis = None if basis is None else basis.to(device)
+    C0 = _on_device(cache, moment.matrix, device)
+    basis = None if basis is None else _on_device(cache, basis, device)
     prev = cache.prev_keys_cov.get(rewrite_module) if hp.add_prev_edits else None
     if prev is None:
         return cache.factors.get(rewrite_module, C0, solver.mom2_update_weight, solver.update_norm_lambda, basis)
@@ -152,7 +164,7 @@ def prepare_unedited(model, tok, hp, seed: int = 0, stats_dir=None, published_st
 
 
 def edit_layers(model, tok, requests, hp, objective: Objective, seed: int = 0, stats_dir=None,
-                target_cache_dir=None, prefix_cache=True, published_stats_dir=None) -> dict:
+                target_cache_dir=None, prefix_cache=True, published_stats_dir=None, solve_device=None) -> dict:
     """Compute and apply the edit of `requests` (one batch) in place; returns a JSON-able report with the
     seconds spent per phase (templates, statistics, targets, keys, solve)."""
     started = time.time()
@@ -198,8 +210,10 @@ def edit_layers(model, tok, requests, hp, objective: Objective, seed: int = 0, s
         lap("keys")
 
         moment = moments[layer]
-        key_matrix = keys.averaged.T.to(moment.matrix.device)
-        factor = _preservation(cache, rewrite_module, moment, hp, objective.solver, moment.matrix.device)
+        # The solve runs in float64 on the edited matrix's device, or on the CPU when asked (GPU memory).
+        device = torch.device(solve_device) if solve_device else weight_as_out_in(module).device
+        key_matrix = keys.averaged.T.to(device)
+        factor = _preservation(cache, rewrite_module, moment, hp, objective.solver, device)
         delta, diagnostics = solve_update(residual.T.to(key_matrix.device), key_matrix, factor,
                                           objective.solver.rho,
                                           K_c=None if constraint_keys is keys.averaged else
@@ -222,7 +236,7 @@ def edit_layers(model, tok, requests, hp, objective: Objective, seed: int = 0, s
 
 def apply_to_model(model, tok, requests, hp, objective_for, *, copy=False, return_orig_weights=False,
                    one_at_a_time=False, report=None, seed=0, stats_dir=None, target_cache_dir=None,
-                   prefix_cache=True, published_stats_dir=None):
+                   prefix_cache=True, published_stats_dir=None, solve_device=None):
     """The body every apply_<alg>_to_model shares. `objective_for(batch_size)` gives the Objective.
 
     one_at_a_time: ROME writes each fact by its own rank-one edit, in order, on the model edited so far.
@@ -231,6 +245,8 @@ def apply_to_model(model, tok, requests, hp, objective_for, *, copy=False, retur
     (only valid when the model is unedited, e.g. batched evaluation that restores weights).
     prefix_cache: False runs the baseline target optimisation (every token every step; for benchmarks).
     published_stats_dir: read C0 from the reference repos' .npz statistics there (algs.second_moment).
+    solve_device: where C0, its factors and the float64 solve live ("cpu" saves GPU memory); default: the
+    device of each edited matrix.
     Returns (model, orig_weights): orig_weights holds copies of the changed matrices if asked, else {}.
     """
     if copy:
@@ -241,7 +257,7 @@ def apply_to_model(model, tok, requests, hp, objective_for, *, copy=False, retur
     batches = [[r] for r in requests] if one_at_a_time else [list(requests)]
     # Only the first batch sees the unedited weights that the target cache is keyed by.
     reports = [edit_layers(model, tok, batch, hp, objective_for(len(batch)), seed, stats_dir,
-                           target_cache_dir if i == 0 else None, prefix_cache, published_stats_dir)
+                           target_cache_dir if i == 0 else None, prefix_cache, published_stats_dir, solve_device)
                for i, batch in enumerate(batches)]
     if report is not None:
         report["batches"] = reports

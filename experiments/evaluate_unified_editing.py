@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run the generation tests on every N-th case in dataset order (CounterFact only); "
                              "N <= 0 means never (default 1: every case)")
     add_bool(parser, "--conserve_memory",
-             "in batched mode, keep the saved original weights on the CPU instead of the model's device")
+             "save GPU memory: keep the saved original weights, C0, its factors and the float64 solve on the CPU "
+             "(default: on the device of each edited matrix)")
     add_bool(parser, "--use_cache",
              "reuse target vectors cached on disk (KV_DIR of globals.yml, env KE_KV_DIR); only in batched mode, "
              "ignored in sequential mode where targets depend on the earlier edits")
@@ -499,7 +500,7 @@ def edit_batch(session: Session, requests: list) -> tuple[float, dict]:
     started = time.perf_counter()
     session.apply(session.model, session.tok, requests, session.hp, copy=False, return_orig_weights=False,
                   report=report, seed=args.seed, stats_dir=args.stats_dir, target_cache_dir=target_cache_dir,
-                  published_stats_dir=args.published_stats_dir)
+                  published_stats_dir=args.published_stats_dir, solve_device="cpu" if args.conserve_memory else None)
     return time.perf_counter() - started, report
 
 

@@ -89,6 +89,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", type=parse_sections, default=list(SECTIONS),
                         help=f"comma-separated sections to run (default: {','.join(SECTIONS)})")
+    parser.add_argument("--device", default="cpu", help="device of the model (default cpu; e.g. cuda)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: the machine is shared)")
     parser.add_argument("--repeats", type=int, default=3,
@@ -449,7 +450,7 @@ def main(argv=None):
     try:
         model = tok = None
         if {"stats", "multilayer", "targets", "prefix", "eval", "e2e"} & set(args.only):
-            model, tok = load_model(args.model)
+            model, tok = load_model(args.model, device=args.device)
         if "stats" in args.only:
             bench_stats(model, tok, args)
         if "multilayer" in args.only:
