@@ -41,7 +41,7 @@ from util import globals as G
 from util.arch import get_module, is_conv1d
 from util.errors import InputError
 from util.tracing import StopForward, run_until
-from util.io import write_tensors_atomic
+from util.io import file_sha256, write_tensors_atomic
 
 log = logging.getLogger(__name__)
 
@@ -439,14 +439,6 @@ NPZ_FIX = ("give the .npz the reference's layer_stats wrote for this model and l
            "(<model>/<ds>_stats/<layer module>_<dtype>_mom2_<n>.npz: arrays mom2.mom2 and mom2.count)")
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def find_published_file(root: Path, layer_module: str, model_id: str) -> Path:
     """The reference layout's file for `layer_module` under the folder `root`, or `root` itself when it is that
     file. Several matches are narrowed to the model's folder (`<model id with / as _>`); more is an error."""
@@ -510,7 +502,7 @@ def published_second_moment(root: Path, model, layer_module: str, *, model_id: s
     naming the file's sha256; the provenance (path, sha256, count, dtype) comes back for params.json."""
     d_k = key_dim(get_module(model, layer_module))
     path = find_published_file(Path(root).expanduser().resolve(), layer_module, model_id)
-    digest = _file_sha256(path)
+    digest = file_sha256(path)
     precision = path.name[len(layer_module) + 1:].split("_mom2")[0]
     source = CorpusSource(description=f"published {path} (sha256 {digest})",
                           dir_name=_sanitise(f"published-{path.parent.name}"),

@@ -1,4 +1,5 @@
 """Atomic JSON files and numbered run directories: a killed run never leaves a half-written file."""
+import hashlib
 import json
 import os
 import re
@@ -53,6 +54,15 @@ def remove_temp_leftovers(folder) -> None:
     for leftover in Path(folder).glob(SAFETENSORS_TEMP_GLOB):
         if leftover.is_file():
             leftover.unlink()
+
+
+def file_sha256(path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (model and statistics files can be GBs)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_json(path):

@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from util import globals as G
+from util.io import file_sha256
 from util.errors import InputError, one_line
 
 log = logging.getLogger(__name__)
@@ -40,14 +41,6 @@ def embedded_gguf_path() -> Path:
     return path
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def embedded_model_dir() -> Path:
     """Directory with the converted safetensors copy of the embedded model, created on first use."""
     gguf = embedded_gguf_path()
@@ -67,7 +60,7 @@ def embedded_model_dir() -> Path:
     tmp = target.with_name(target.name + ".tmp")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    (tmp / "SOURCE_SHA256").write_text(_file_sha256(gguf) + "\n")
+    (tmp / "SOURCE_SHA256").write_text(file_sha256(gguf) + "\n")
     if target.exists():
         import shutil
 
