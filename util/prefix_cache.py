@@ -44,9 +44,10 @@ class PrefixCache:
         self.last_logits = out.logits[:, -1]
         self.keyword = cache_keyword(model)
 
-    def continue_rows(self, rows: torch.Tensor, suffixes: list, keep_cache: bool = True):
+    def continue_rows(self, rows: torch.Tensor, suffixes: list, keep_cache: bool = True, **forward_kwargs):
         """Logits (len(rows), longest suffix, vocab) of prefix rows[i] continued by suffixes[i] (non-empty,
-        right-padded). keep_cache=False lets this call consume the cache (no copy): use it for the last call."""
+        right-padded; a row index may repeat). keep_cache=False lets this call consume the cache (no copy):
+        use it for the last call. forward_kwargs go to the model (e.g. logits_to_keep)."""
         cache = copy.deepcopy(self.cache) if keep_cache else self.cache
         if len(rows) != len(self.lengths) or not torch.equal(rows, torch.arange(len(rows), device=rows.device)):
             cache.batch_select_indices(rows)
@@ -55,4 +56,4 @@ class PrefixCache:
         positions = self.lengths[rows][:, None] + torch.arange(width, device=self.mask.device)[None]
         return self.model(input_ids=batch["input_ids"], position_ids=positions, use_cache=True,
                           attention_mask=torch.cat([self.mask[rows], batch["attention_mask"]], 1),
-                          **{self.keyword: cache}).logits
+                          **{self.keyword: cache}, **forward_kwargs).logits

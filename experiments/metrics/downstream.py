@@ -16,7 +16,6 @@ space, and the few-shot answers are written as prompt + " " + label). Tokenizing
 separately lets the few-shot prefix be run through the model once per task and its key/value cache be
 shared by every item, which is what makes the check cheap.
 """
-import copy
 import csv
 import json
 import math
@@ -27,7 +26,8 @@ from pathlib import Path
 import torch
 
 from util.tokens import pad_batch, prompt_token_ids, target_token_ids
-from util.tracing import accepts_forward_argument, cache_keyword, output_cache
+from util.prefix_cache import PrefixCache
+from util.tracing import accepts_forward_argument
 
 TASKS = ("sst2", "mrpc", "cola", "rte", "nli", "mmlu")
 
@@ -337,61 +337,41 @@ def matthews_corrcoef(pred, gold, n_classes) -> float:
 # Scoring
 
 
-def _repeat_cache(cache, n_rows: int):
-    """A fresh copy of a batch-1 key/value cache for n_rows rows (the forward pass appends to it)."""
-    if hasattr(cache, "batch_repeat_interleave"):
-        cache = copy.deepcopy(cache)
-        cache.batch_repeat_interleave(n_rows)
-        return cache
-    return tuple(tuple(t.repeat_interleave(n_rows, dim=0) for t in layer) for layer in cache)
-
-
-def _prefix_cache(model, prefix_ids, device):
-    """Key/value cache of the shared few-shot prefix, or None (empty prefix, or a model without a cache)."""
-    if not prefix_ids:
-        return None
-    out = model(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True,
-                **({"logits_to_keep": 1} if accepts_forward_argument(model, "logits_to_keep") else {}))
-    return output_cache(out)
-
-
 def _score_rows(model, tok, prefix_ids, rows, batch_size, device):
     """Sum of label-token log-probs for each row.
 
     rows: (suffix token ids, n_item, [(row_key, label token ids)]). The labels are scored at positions
     n_item-1 .. n_item-2+len(label) of the suffix (a label's tokens are appended to the suffix when it is
-    longer than one token; a single-token label needs only the last item position). Rows are sorted by
-    length so batches are padded little; the result is a dict row_key -> log-likelihood.
+    longer than one token; a single-token label needs only the last item position). The shared prefix runs
+    once (util.prefix_cache); a model that keeps no cache gets it in every row. Rows are sorted by length so
+    batches are padded little; the result is a dict row_key -> log-likelihood.
     """
-    cache = _prefix_cache(model, prefix_ids, device)
+    cache = PrefixCache(model, tok, [prefix_ids]) if prefix_ids else None
+    cache = cache if cache is not None and cache.available else None
     offset = 0 if cache is not None else len(prefix_ids)  # without a cache the prefix is part of every row
     keep_positions = accepts_forward_argument(model, "logits_to_keep")
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
     scores = {}
     for start in range(0, len(order), batch_size):
         batch_rows = [rows[i] for i in order[start:start + batch_size]]
-        sequences = [ids if cache is not None else list(prefix_ids) + ids for ids, _, _ in batch_rows]
-        batch = pad_batch(tok, sequences, padding_side="right", device=device)
-        n_rows, width = batch["input_ids"].shape
-        kwargs = {}
-        if cache is not None:
-            n_prefix = len(prefix_ids)
-            batch["attention_mask"] = torch.cat(
-                [torch.ones((n_rows, n_prefix), dtype=torch.long, device=device), batch["attention_mask"]], dim=1)
-            kwargs[cache_keyword(model)] = _repeat_cache(cache, n_rows)
-            kwargs["position_ids"] = torch.arange(n_prefix, n_prefix + width, device=device).expand(n_rows, width)
-            kwargs["use_cache"] = True
         # (row, position, token) for every label token to read.
         reads = [(r, offset + n_item - 1 + j, token)
                  for r, (_, n_item, labels) in enumerate(batch_rows) for _, label in labels
                  for j, token in enumerate(label)]
         positions = sorted({pos for _, pos, _ in reads})
+        kwargs = {}
         if keep_positions:
             kwargs["logits_to_keep"] = torch.tensor(positions, device=device)
             column = {pos: i for i, pos in enumerate(positions)}
         else:
             column = {pos: pos for pos in positions}
-        logits = model(**batch, **kwargs).logits
+        if cache is not None:
+            every_row_on_the_prefix = torch.zeros(len(batch_rows), dtype=torch.long, device=device)
+            logits = cache.continue_rows(every_row_on_the_prefix, [ids for ids, _, _ in batch_rows], **kwargs)
+        else:
+            batch = pad_batch(tok, [list(prefix_ids) + ids for ids, _, _ in batch_rows], padding_side="right",
+                              device=device)
+            logits = model(**batch, **kwargs).logits
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         for r, (_, n_item, labels) in enumerate(batch_rows):
             for key, label in labels:
