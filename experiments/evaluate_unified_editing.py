@@ -555,16 +555,19 @@ def interrupts_deferred():
 
 def health_checks(session: Session, edits_before: int, edits_after: int, batch: int, is_last: bool) -> None:
     """The checkpoints due once the edits went from `edits_before` to `edits_after` (with `batch`; -1 and
-    0 edits: the unedited model). Each file that already exists is kept: a resumed run fills in only what
+    0 edits: the unedited model). After the last batch, the final scores come first and a retention
+    checkpoint due then reuses them. Each file that already exists is kept: a resumed run fills in only what
     is missing, for the model state it has now."""
     args, run_dir, model, tok = session.args, session.run_dir, session.model, session.tok
+    final = final_scores(session, batch) if is_last else None  # the last model: scored once, for both
     if edits_after > 0 and lifelong.is_due(args.retention_eval_steps, edits_before, edits_after):
         path = lifelong.checkpoint_path(run_dir, "retention", edits_after)
         if lifelong.read_checkpoint(path) is None:
             edited = [session.records[i] for i in range(edits_after)]
-            log.info("retention: re-scoring the %d cases edited so far", len(edited))
+            log.info("retention: %s the %d cases edited so far", "from the final scores of" if final else
+                     "re-scoring", len(edited))
             write_json_atomic(path, lifelong.retention_checkpoint(model, tok, args.ds_name, edited, edits_after,
-                                                                  batch))
+                                                                  batch, metrics=final))
     if args.do_downstream_eval and (is_last or edits_after == 0 or
                                     lifelong.is_due(args.downstream_eval_steps, edits_before, edits_after)):
         path = lifelong.checkpoint_path(run_dir, "downstream", edits_after)
@@ -585,12 +588,13 @@ def health_checks(session: Session, edits_before: int, edits_after: int, batch: 
             "requested_rewrites": [session.records[i]["requested_rewrite"] for i in range(edits_after)]})
 
 
-def final_scores(session: Session, last_batch: int, chunk: int = 256) -> None:
+def final_scores(session: Session, last_batch: int, chunk: int = 256) -> list[dict]:
     """Sequential mode: "final" in every case file, the case re-scored on the model after the last batch
-    (retention). Cases that already have it (a resumed run) are left as they are."""
+    (retention). Cases that already have it (a resumed run) are left as they are. Returns every case's
+    final metrics, in the records' order."""
     args, run_dir = session.args, session.run_dir
-    missing = [i for i in range(len(session.records))
-               if "final" not in read_json(case_path(run_dir, session.records[i]["case_id"]))]
+    finals = [read_json(case_path(run_dir, record["case_id"])).get("final") for record in session.records]
+    missing = [i for i, final in enumerate(finals) if final is None]
     if missing:
         log.info("final: re-scoring %d cases on the model after the last batch", len(missing))
     for start in range(0, len(missing), chunk):
@@ -601,6 +605,8 @@ def final_scores(session: Session, last_batch: int, chunk: int = 256) -> None:
             path = case_path(run_dir, session.records[i]["case_id"])
             write_json_atomic(path, {**read_json(path), "final": metrics, "final_after_batch": last_batch,
                                      "final_num_edits_done": len(session.records)})
+            finals[i] = metrics
+    return finals
 
 
 # ---------------------------------------------------------------- the run
@@ -729,8 +735,6 @@ def evaluate(session: Session) -> None:
                                   is_last=batch == len(batches) - 1)
                 log.info("batch %d of %d (cases %s): done", batch, len(batches), case_ids)
             progress.update(len(indices))
-    if args.sequential:
-        final_scores(session, len(batches) - 1)
     # total_seconds: this invocation (a continued run's earlier, killed sessions left no end time).
     session.params.update(status="finished", finished_at=utc_now(), total_seconds=time.time() - started)
     write_json_atomic(run_dir / PARAMS_FILE, session.params)

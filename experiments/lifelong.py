@@ -76,10 +76,14 @@ def case_scores(ds_name: str, metrics: dict) -> dict:
     return zsre_case_scores(metrics) if ds_name == "zsre" else counterfact_case_scores(metrics)
 
 
-def retention_checkpoint(model, tok, ds_name: str, records: list, edits_done: int, after_batch: int) -> dict:
-    """Every case edited so far, re-scored on the current model: per-case scores and their means."""
+def retention_checkpoint(model, tok, ds_name: str, records: list, edits_done: int, after_batch: int,
+                         metrics: list | None = None) -> dict:
+    """Every case edited so far, re-scored on the current model: per-case scores and their means.
+    `metrics`: the records' metrics on this model when already computed (the final scores)."""
     started = time.perf_counter()
-    scores = [case_scores(ds_name, metrics) for metrics in score_cases(model, tok, ds_name, records)]
+    if metrics is None:
+        metrics = score_cases(model, tok, ds_name, records)
+    scores = [case_scores(ds_name, case_metrics) for case_metrics in metrics]
     means = {}
     for name in SCORED:
         values = [case[name] for case in scores if name in case]

@@ -61,6 +61,25 @@ def test_final_scores_are_the_cases_on_the_last_model(ws, lifelong_run):
     assert nlls(cases[last]["final"]) == pytest.approx(nlls(cases[last]["post"]), rel=1e-5)
 
 
+def test_last_retention_checkpoint_reuses_the_final_scores(ws, tmp_path, monkeypatch):
+    """After the last batch the cases are scored once: the retention checkpoint then is the final scores."""
+    scored = []
+    score_cases = lifelong.score_cases
+
+    def counting(model, tok, ds_name, records):
+        scored.append(len(records))
+        return score_cases(model, tok, ds_name, records)
+
+    monkeypatch.setattr(lifelong, "score_cases", counting)
+    argv = argv_for(ws, tmp_path / "results", "--sequential", "--skip_generation_tests", "--retention_eval_steps=2")
+    assert cli.main(argv) == 0
+    assert scored == [2, 4, N_CASES]  # retention after 2 and 4 edits; the last model once, not twice
+    run_dir = next((tmp_path / "results" / "EMMET").glob("run_*"))
+    retention = cli.read_json(run_dir / f"retention_{N_CASES}edits.json")
+    for case_id, case in read_cases(run_dir).items():
+        assert retention["cases"][str(case_id)] == lifelong.case_scores("cf", case["final"])
+
+
 def test_retention_checkpoints_rescore_the_cases_edited_so_far(ws, lifelong_run):
     run_dir, _ = lifelong_run
     files = sorted(p.name for p in run_dir.glob("retention_*edits.json"))
