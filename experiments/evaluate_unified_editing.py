@@ -572,7 +572,7 @@ def health_checks(session: Session, edits_before: int, edits_after: int, batch: 
                                     lifelong.is_due(args.downstream_eval_steps, edits_before, edits_after)):
         path = lifelong.checkpoint_path(run_dir, "downstream", edits_after)
         if lifelong.read_checkpoint(path) is None:
-            log.info("model health after %d edits: %s and perplexity", edits_after, ", ".join(args.downstream_tasks))
+            log.info("model health after %d edits: %s", edits_after, ", ".join([*args.downstream_tasks, "perplexity"]))
             write_json_atomic(path, lifelong.downstream_checkpoint(
                 model, tok, session.downstream_tasks, session.perplexity_chunks, session.perplexity_source,
                 edits_after, batch))
