@@ -17,7 +17,7 @@ from util.generate import generate_texts
 from util.io import write_tensors_atomic
 from util.tokens import length_batches, pad_batch, prompt_token_ids, subject_token_index, target_token_ids
 from util.prefix_cache import PrefixCache
-from util.tracing import add_at_positions, frozen, run_until, trace_modules
+from util.tracing import add_at_positions, frozen, logits_at, run_until, trace_modules
 
 log = logging.getLogger(__name__)
 TEMPLATE_START_WORDS = ("The", "Therefore", "Because", "I", "You")
@@ -180,14 +180,15 @@ class _FullRows:
         self.offsets = torch.zeros(len(sequences), dtype=torch.long, device=model.device)
         self.lookup = torch.tensor(lookup, device=model.device)
 
-    def forward(self, rows, vectors=None):
-        """Logits of all rows (`rows` is always every row here); `vectors[i]` added at the subject token of
-        row i at the target module's output. Returns (logits, the target module's output)."""
+    def forward(self, rows, keep, vectors=None):
+        """Logits of all rows (`rows` is always every row here) at the positions keep[i] of row i (gathered
+        from the logits of every position); `vectors[i]` added at the subject token of row i at the target
+        module's output. Returns (logits, the target module's output)."""
         edit = {} if vectors is None else {self.target_module: lambda hidden: add_at_positions(
             hidden, torch.arange(self.n_rows, device=hidden.device), self.lookup, vectors)}
         with trace_modules(self.model, [self.target_module], retain_output=vectors is None, edit_output=edit) as tr:
             logits = self.model(**self.batch).logits
-        return logits, tr[self.target_module].output
+        return logits.gather(1, keep[..., None].expand(-1, -1, logits.shape[-1])), tr[self.target_module].output
 
 
 class _CachedRows:
@@ -205,10 +206,12 @@ class _CachedRows:
         self.prefix = PrefixCache(model, tok, [ids[:start] for ids, start in zip(sequences, lookup)])
         self.suffixes = [ids[start:] for ids, start in zip(sequences, lookup)]
 
-    def forward(self, rows, vectors=None):
+    def forward(self, rows, keep, vectors=None):
+        """The suffixes of `rows`, logits only at their positions keep[i] (util.tracing.logits_at)."""
         edit = {} if vectors is None else {self.target_module: lambda hidden: add_at_positions(
             hidden, torch.arange(len(rows), device=hidden.device), torch.zeros_like(rows), vectors)}
-        with trace_modules(self.model, [self.target_module], retain_output=vectors is None, edit_output=edit) as tr:
+        with trace_modules(self.model, [self.target_module], retain_output=vectors is None,
+                           edit_output=edit) as tr, logits_at(self.model, keep):
             logits = self.prefix.continue_rows(rows, [self.suffixes[i] for i in rows.tolist()])
         return logits, tr[self.target_module].output
 
@@ -236,7 +239,8 @@ def _optimise_targets(model, tok, target_module, requests, templates, hp, prefix
 
     device = model.device
     rows = (_CachedRows if prefix_cache else _FullRows)(model, tok, sequences, lookup, target_module)
-    if prefix_cache and not rows.prefix.available:  # a model that keeps no key/value cache
+    if prefix_cache and (not rows.prefix.available or model.get_output_embeddings() is None):
+        # a model that keeps no key/value cache, or whose logits cannot be restricted to some positions
         rows = _FullRows(model, tok, sequences, lookup, target_module)
     cached = isinstance(rows, _CachedRows)
     n_req, n_rewrite = len(requests), len(requests) * len(flat_templates)
@@ -251,14 +255,22 @@ def _optimise_targets(model, tok, target_module, requests, templates, hp, prefix
     tokens_per_row = torch.tensor([len(ids) for _, ids in label_spans], device=device, dtype=torch.float32)
     kl_rows_t = torch.tensor(kl_rows, device=device)
     kl_pos = torch.tensor([lookup[r] for r in kl_rows], device=device) - rows.offsets[kl_rows_t]
+    # Logits are read only at the label positions of the rewrite rows and the subject of the KL rows: keep[r]
+    # lists row r's positions (padded with its first); label_col / kl_col say where each read is in it.
+    needed = [[] for _ in sequences]
+    label_col = torch.tensor([_column(needed[r], p) for r, p in zip(label_rows.tolist(), label_pos.tolist())],
+                             device=device)
+    kl_col = torch.tensor([_column(needed[r], p) for r, p in zip(kl_rows, kl_pos.tolist())], device=device)
+    width = max(len(positions) for positions in needed)
+    keep = torch.tensor([positions + positions[:1] * (width - len(positions)) for positions in needed], device=device)
     bare_rows = torch.arange(n_req, device=device) * len(flat_templates)  # template 0 is "{}"
     bare_pos = torch.tensor([lookup[r] for r in bare_rows.tolist()], device=device) - rows.offsets[bare_rows]
     all_rows = torch.arange(len(sequences), device=device)
 
     with torch.no_grad():
-        logits, target_output = rows.forward(all_rows)
+        logits, target_output = rows.forward(all_rows, keep)
     initial = target_output[bare_rows, bare_pos].float()
-    kl_init = torch.log_softmax(logits[kl_rows_t, kl_pos].float(), -1)
+    kl_init = torch.log_softmax(logits[kl_rows_t, kl_col].float(), -1)
     max_norms = hp.clamp_norm_factor * initial.norm(dim=1)
 
     delta = torch.zeros_like(initial, requires_grad=True)
@@ -274,14 +286,14 @@ def _optimise_targets(model, tok, target_module, requests, templates, hp, prefix
             present = all_rows if not cached else all_rows[active[owner_t]]
             slot = torch.full((len(sequences),), -1, dtype=torch.long, device=device)
             slot[present] = torch.arange(len(present), device=device)
-            logits, _ = rows.forward(present, delta[owner_t[present]])
+            logits, _ = rows.forward(present, keep[present], delta[owner_t[present]])
             labels = active[owner_t[label_rows]] if cached else torch.ones_like(label_rows, dtype=torch.bool)
-            log_probs = torch.log_softmax(logits[slot[label_rows[labels]], label_pos[labels]].float(), -1)
+            log_probs = torch.log_softmax(logits[slot[label_rows[labels]], label_col[labels]].float(), -1)
             token_nll = -log_probs.gather(1, label_ids[labels][:, None])[:, 0]
             row_nll = torch.zeros(n_rewrite, device=device).index_add(0, label_rows[labels], token_nll) / tokens_per_row
             nll = row_nll.view(n_req, len(flat_templates)).mean(1)
             kl_present = active if cached else torch.ones_like(active)
-            kl_now = torch.log_softmax(logits[slot[kl_rows_t[kl_present]], kl_pos[kl_present]].float(), -1)
+            kl_now = torch.log_softmax(logits[slot[kl_rows_t[kl_present]], kl_col[kl_present]].float(), -1)
             kl = torch.zeros(n_req, device=device).index_put(
                 (torch.nonzero(kl_present).flatten(),),
                 hp.kl_factor * (kl_now.exp() * (kl_now - kl_init[kl_present])).sum(-1))
@@ -313,6 +325,13 @@ def _optimise_targets(model, tok, target_module, requests, templates, hp, prefix
                 scale = torch.where(norms > max_norms, max_norms / norms.clamp_min(1e-12), torch.ones_like(norms))
                 delta.mul_(scale[:, None])
     return TargetResult(initial + delta.detach(), initial, info)
+
+
+def _column(positions: list, position: int) -> int:
+    """The index of `position` in a row's list of logit positions, appending it when new."""
+    if position not in positions:
+        positions.append(position)
+    return positions.index(position)
 
 
 def _all_targets_argmax(log_probs, label_ids, label_rows, owner_t, n_req) -> torch.Tensor:

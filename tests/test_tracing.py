@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from tests.conftest import make_tiny_model
-from util.tracing import StopForward, add_at_positions, frozen, hidden_of, run_until, trace_modules
+from util.tracing import StopForward, add_at_positions, frozen, hidden_of, logits_at, run_until, trace_modules
 
 
 class TupleBlock(nn.Module):
@@ -163,3 +163,18 @@ def test_frozen_restores_requires_grad():
         with frozen(model):
             raise RuntimeError("boom")
     assert {name: p.requires_grad for name, p in model.named_parameters()} == before
+
+
+def test_logits_at_gives_the_full_logits_at_each_rows_positions(embedded_tokenizer):
+    """Row i's logits at positions[i] only, equal to the same entries of the full forward, for any k."""
+    model = make_tiny_model("llama", embedded_tokenizer, n_layer=2)
+    ids = torch.randint(0, model.config.vocab_size, (3, 7), generator=torch.Generator().manual_seed(0))
+    full = model(input_ids=ids).logits
+    positions = torch.tensor([[6, 2], [0, 0], [3, 5]])
+    with logits_at(model, positions):
+        kept = model(input_ids=ids).logits
+    assert kept.shape == (3, 2, full.shape[-1])
+    for row in range(3):
+        for column, position in enumerate(positions[row].tolist()):
+            assert torch.allclose(kept[row, column], full[row, position], atol=1e-5, rtol=1e-5)
+    assert model(input_ids=ids).logits.shape == full.shape  # the hook is gone after the block

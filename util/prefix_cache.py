@@ -11,7 +11,7 @@ import copy
 import torch
 
 from util.tokens import pad_batch
-from util.tracing import cache_keyword, output_cache
+from util.tracing import accepts_forward_argument, cache_keyword, output_cache
 
 
 class PrefixCache:
@@ -36,9 +36,10 @@ class PrefixCache:
         positions = (pass_mask.cumsum(1) - 1).clamp_min(0)
         self.lengths = torch.tensor([len(prefix) for prefix in prefixes], device=device)
         self.mask = self.mask.to(device)
+        last_only = {"logits_to_keep": 1} if accepts_forward_argument(model, "logits_to_keep") else {}
         with torch.no_grad():
             out = model(input_ids=ids.to(device), attention_mask=pass_mask.to(device),
-                        position_ids=positions.to(device), use_cache=True)
+                        position_ids=positions.to(device), use_cache=True, **last_only)
         self.cache = output_cache(out)
         self.available = self.cache is not None
         self.last_logits = out.logits[:, -1]

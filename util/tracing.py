@@ -90,6 +90,27 @@ def add_at_positions(hidden: torch.Tensor, rows, positions, vectors: torch.Tenso
 
 
 @contextmanager
+def logits_at(model: nn.Module, positions: torch.Tensor):
+    """Inside the block the model's logits are (rows, k, vocab): row i only at its positions[i] (a (rows, k)
+    tensor of sequence positions), by gathering the hidden states the output embedding receives. The
+    vocabulary projection is a large share of a small model's forward, and most positions are never read."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embedding module to restrict")
+
+    def gather(module, args):
+        hidden = args[0]
+        index = positions.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[-1])
+        return (hidden.gather(1, index), *args[1:])
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
 def frozen(model: nn.Module):
     """Parameters do not require grad inside the block (restored after)."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
