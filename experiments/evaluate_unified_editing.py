@@ -564,7 +564,7 @@ def health_checks(session: Session, edits_before: int, edits_after: int, batch: 
         path = lifelong.checkpoint_path(run_dir, "retention", edits_after)
         if lifelong.read_checkpoint(path) is None:
             edited = [session.records[i] for i in range(edits_after)]
-            log.info("retention: %s the %d cases edited so far", "from the final scores of" if final else
+            log.info("retention: %s the %d cases edited so far", "from the final scores of" if final is not None else
                      "re-scoring", len(edited))
             write_json_atomic(path, lifelong.retention_checkpoint(model, tok, args.ds_name, edited, edits_after,
                                                                   batch, metrics=final))
