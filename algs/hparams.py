@@ -58,6 +58,7 @@ class EditHparams:
     mom2_dataset: str = "wikipedia"
     mom2_n_samples: int = 100000
     mom2_dtype: str = "float32"
+    mom2_max_length: typing.Optional[int] = None  # texts truncated here; None: the model's maximum positions
     mom2_update_weight: float = 1.0
     update_norm_lambda: float = 0.0
     dynamic: bool = False  # FastMEMIT: cap the sample at dynamic_multiplier x d_k tokens
@@ -67,6 +68,8 @@ class EditHparams:
     add_prev_edits: bool = False  # ENCORE: P_t = λC0 + uI + S_t, S_t = Σ earlier batches' K Kᵀ at the layer
     prob_cutoff: float = 0.0  # MPES: -k: stop when every target token is the argmax k steps in a row; p > 0
     nullspace_threshold: float = 0.0  # AlphaEdit: project updates onto C0's eigenvectors below it; 0 = off
+    prune_log_base: float = 0.0  # PRUNE: restrain ΔW's singular values above σ_max(W_0) by log_α; α > 1, 0 = off
+    rect_top_fraction: float = 0.0  # RECT: keep this fraction of each update's entries by |ΔW|/|W|; 0 = off
     # Module names; None = take them from util/arch.py's table.
     rewrite_module_tmp: typing.Optional[str] = None
     layer_module_tmp: typing.Optional[str] = None
@@ -87,13 +90,23 @@ class EditHparams:
             raise HparamsError(f"only layer_selection 'all' is supported, got {self.layer_selection!r}")
         if self.dynamic and self.dynamic_multiplier <= 0:
             raise HparamsError("'dynamic_multiplier' must be positive")
+        if self.prune_log_base and not self.prune_log_base > 1:
+            raise HparamsError(f"'prune_log_base' is {self.prune_log_base!r}", type(self).__name__,
+                               "give 0 (off) or the base α > 1 of PRUNE's logarithm (2.718281828459045: natural log)")
+        if not 0 <= self.rect_top_fraction <= 1:
+            raise HparamsError(f"'rect_top_fraction' is {self.rect_top_fraction!r}", type(self).__name__,
+                               "give 0 (off) or the fraction of each update's entries RECT keeps, in (0, 1]")
+        if self.mom2_max_length is not None and self.mom2_max_length < 1:
+            raise HparamsError(f"'mom2_max_length' is {self.mom2_max_length!r}", type(self).__name__,
+                               "give a positive number of tokens, or null (the model's maximum positions)")
         if self.prob_cutoff < 0 and self.prob_cutoff != int(self.prob_cutoff) or self.prob_cutoff >= 1:
             raise HparamsError(f"'prob_cutoff' is {self.prob_cutoff!r}", type(self).__name__,
                                "give 0 (off), a negative integer -k (stop once the targets were the argmax k steps "
                                "in a row) or a probability in (0, 1)")
 
     @classmethod
-    def from_json(cls, path):
+    def from_json(cls, path, defaults: dict | None = None):
+        """The hparams of a JSON file; `defaults` fill keys the file does not set (a registry variant's switches)."""
         path = Path(path)
         try:
             with open(path) as f:
@@ -104,7 +117,7 @@ class EditHparams:
             raise HparamsError(f"{path} is not valid JSON: {e}") from None
         if not isinstance(data, dict):
             raise HparamsError(f"{path} must hold a JSON object")
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict({**(defaults or {}), **data}, source=str(path))
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "<dict>"):

@@ -6,7 +6,8 @@ otherwise `n_samples` whole articles are counted. Accumulation is in float64. Re
 disk under a key naming everything that determines them; a corrupt or mismatched file is recomputed.
 
 Choices the references leave open, made explicit here:
-- max_length defaults to the model's maximum positions capped at MAX_LENGTH_CAP (bounds memory).
+- Texts are truncated at max_length, by default the model's maximum positions as in the references (1,024 for
+  GPT-2, 2,048 for GPT-J, 4,096/8,192 for Llama-2/3); hparams `mom2_max_length` sets it (our smollm2 files: 1,024).
 - Texts are tokenized with the tokenizer's special tokens (a BOS where the tokenizer adds one), as the
   references' TokenizedDataset does.
 - Hub corpora are streamed; the sample is drawn from the first `pool_articles` articles of the stream
@@ -46,7 +47,7 @@ from util.io import file_sha256, write_tensors_atomic
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-MAX_LENGTH_CAP = 1024
+FALLBACK_MAX_LENGTH = 1024  # for a config that names no maximum positions
 DEFAULT_BATCH_TOKENS = 4096
 HUB_POOL_ARTICLES = 10_000
 FORWARD_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -377,9 +378,10 @@ def key_dim(module) -> int:
 
 
 def default_max_length(model) -> int:
+    """The references' truncation: the model's maximum positions."""
     config = model.config
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    return min(positions or MAX_LENGTH_CAP, MAX_LENGTH_CAP)
+    return positions or FALLBACK_MAX_LENGTH
 
 
 # ---------------------------------------------------------------- cache

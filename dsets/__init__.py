@@ -1,4 +1,6 @@
 """Datasets for editing and evaluation, each found in the data directory or downloaded from the authors."""
+from dataclasses import dataclass
+
 from dsets.counterfact import CounterFactDataset, MultiCounterFactDataset
 from dsets.download import DatasetNotFound, locate
 from dsets.knowns import KnownsDataset
@@ -7,19 +9,31 @@ from dsets.zsre import MENDQADataset
 from util.checks import check_request
 from util.errors import InputError
 
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A dataset the CLI can run: how to load it, what kind of records it gives (which picks the metrics in
+    experiments.metrics), and whether the CounterFact generation tests (fluency, consistency) apply."""
+
+    loader: object  # (data_dir=None, size=None, dataset_file=None) -> a Sequence of records with .source
+    kind: str  # "cf": NLL comparisons (ES/PS/NS); "zsre": token accuracy of answers
+    description: str
+    generation_tests: bool = False
+
+
 # Exact names only: "cf" must never match "mcf" (a substring test in the references did).
 DATASETS = {
-    "cf": CounterFactDataset,
-    "mcf": MultiCounterFactDataset,
-    "zsre": MENDQADataset,
+    "cf": DatasetSpec(CounterFactDataset, "cf", "CounterFact", generation_tests=True),
+    "mcf": DatasetSpec(MultiCounterFactDataset, "cf", "MEMIT's multi-CounterFact", generation_tests=True),
+    "zsre": DatasetSpec(MENDQADataset, "zsre", "zsRE, MEND format"),
 }
 
 
-def load_records(ds_name: str, data_dir=None, size: int | None = None):
+def load_records(ds_name: str, data_dir=None, size: int | None = None, dataset_file=None):
     """The dataset named `ds_name` (a Sequence of edit records with a `.source` dict), every record checked."""
     if ds_name not in DATASETS:
         raise ValueError(f"unknown dataset {ds_name!r}; valid names: {', '.join(sorted(DATASETS))}")
-    records = DATASETS[ds_name](data_dir=data_dir, size=size)
+    records = DATASETS[ds_name].loader(data_dir=data_dir, size=size, dataset_file=dataset_file)
     check_records(records, ds_name)
     return records
 
@@ -35,5 +49,5 @@ def check_records(records, ds_name: str) -> None:
     for record in records:
         check_request(record["requested_rewrite"], f"{where} case_id {record['case_id']}")
 
-__all__ = ["AttributeSnippets", "CounterFactDataset", "DATASETS", "DatasetNotFound", "KnownsDataset", "MENDQADataset",
+__all__ = ["AttributeSnippets", "CounterFactDataset", "DATASETS", "DatasetSpec", "DatasetNotFound", "KnownsDataset", "MENDQADataset",
            "MultiCounterFactDataset", "get_tfidf_vectorizer", "load_records", "locate"]

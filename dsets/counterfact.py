@@ -154,10 +154,15 @@ def load_counterfact(data_dir: Path, multi: bool) -> tuple[list, dict]:
 
 
 class CounterFactDataset(Sequence):
-    """CounterFact records (ROME schema); `multi` reads MEMIT's multi_counterfact.json instead."""
+    """CounterFact records (ROME schema); `multi` reads MEMIT's multi_counterfact.json instead; `dataset_file`
+    reads that ROME-schema file (e.g. one with EasyEdit's portability fields) instead of looking one up."""
 
-    def __init__(self, data_dir=None, multi: bool = False, size: int | None = None):
-        records, self.source = load_counterfact(resolve_data_dir(data_dir), bool(multi))
+    def __init__(self, data_dir=None, multi: bool = False, size: int | None = None, dataset_file=None):
+        if dataset_file is not None:
+            records = read_rome_files([Path(dataset_file)])
+            self.source = {"schema": "rome", "paths": [str(dataset_file)], "subset": True, "note": "--dataset_file"}
+        else:
+            records, self.source = load_counterfact(resolve_data_dir(data_dir), bool(multi))
         self.source["records_in_source"] = len(records)
         self.records = first_n(records, size)
 
@@ -169,5 +174,5 @@ class CounterFactDataset(Sequence):
 
 
 class MultiCounterFactDataset(CounterFactDataset):
-    def __init__(self, data_dir=None, size: int | None = None):
-        super().__init__(data_dir, multi=True, size=size)
+    def __init__(self, data_dir=None, size: int | None = None, dataset_file=None):
+        super().__init__(data_dir, multi=True, size=size, dataset_file=dataset_file)

@@ -76,8 +76,9 @@ def locate_zsre(data_dir: Path) -> tuple[Path, dict]:
 class MENDQADataset(Sequence):
     """zsRE edit records: rewrite src -> answers[0], paraphrase = rephrase, neighborhood = NQ (loc, loc_ans)."""
 
-    def __init__(self, data_dir=None, size: int | None = None):
-        path, about = locate_zsre(resolve_data_dir(data_dir))
+    def __init__(self, data_dir=None, size: int | None = None, dataset_file=None):
+        path, about = ((Path(dataset_file), {"subset": None, "note": "--dataset_file"}) if dataset_file is not None
+                       else locate_zsre(resolve_data_dir(data_dir)))
         records, skipped = read_mend_file(path)
         self.source = {"schema": "mend", "paths": [str(path)], **about,
                        "skipped_no_template": skipped, "records_in_source": len(records)}

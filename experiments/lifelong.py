@@ -1,31 +1,19 @@
-"""Instruments of a sequential (lifelong) run, SPEC §8: retention of earlier edits, matrix health, model
-health checkpoints and saved edited models. The CLI decides when; this file computes and writes.
+"""Instruments of a sequential (lifelong) run, SPEC §8: retention of earlier edits, model health checkpoints
+and saved edited models, and when each is due. The matrix norms come with every edit report (algs.editor).
 
-Files in a run directory (each written atomically; a resumed run recomputes only what is missing):
-  weight_norms.jsonl             one line per batch: per edited matrix ‖W_t‖_F, ‖W_t − W_0‖_F, ‖Δ_t‖_F
+Files in a run directory (each written atomically through the RunStore; a resumed run recomputes only what
+is missing):
   retention_<N>edits.json        every case edited so far re-scored after N edits (the forgetting curve)
   downstream_<N>edits.json       downstream tasks and perplexity after N edits (model health; N = 0 too)
   edited_model_<N>edits/         save_pretrained of the model after N edits, with edits.json
 """
-import json
-import os
-import shutil
-import tempfile
+import logging
 import time
-from pathlib import Path
+from dataclasses import dataclass
 
+log = logging.getLogger(__name__)
 
-from experiments.metrics.counterfact import counterfact_case_scores, counterfact_metrics_many
-from experiments.metrics.zsre import zsre_case_metrics, zsre_case_scores
-from util.io import read_json, write_json_atomic, atomic_path
-
-WEIGHT_NORMS_FILE = "weight_norms.jsonl"
 SCORED = ("ES", "PS", "NS", "EM", "PM", "NM")
-
-
-def checkpoint_path(run_dir: Path, kind: str, edits_done: int) -> Path:
-    """retention_<N>edits.json / downstream_<N>edits.json."""
-    return Path(run_dir) / f"{kind}_{edits_done}edits.json"
 
 
 def is_due(interval, edits_before: int, edits_after: int) -> bool:
@@ -33,57 +21,36 @@ def is_due(interval, edits_before: int, edits_after: int) -> bool:
     return bool(interval) and interval > 0 and edits_after // interval > edits_before // interval
 
 
-# ---------------------------------------------------------------- matrix health
+@dataclass
+class HealthChecks:
+    """Model health of a sequential run: downstream tasks (loaded DownstreamTasks) and perplexity chunks."""
 
-def weight_norms(current: dict, initial: dict, previous: dict) -> dict:
-    """Per matrix: ‖W_t‖_F, ‖W_t − W_0‖_F and ‖Δ_t‖_F = ‖W_t − W_{t−1}‖_F, in float64."""
-    norms = {}
-    for name, weight in current.items():
-        w = weight.detach().double()
-        norms[name] = {"weight_norm": w.norm().item(),
-                       "distance_from_initial": (w - initial[name].to(w.device).double()).norm().item(),
-                       "update_norm": (w - previous[name].to(w.device).double()).norm().item()}
-    return norms
+    tasks: list
+    perplexity_chunks: list
+    perplexity_source: dict
 
+    def checkpoint(self, model, tok, edits_done: int, after_batch: int) -> dict:
+        """Downstream tasks (label likelihood) and perplexity on the current model."""
+        from experiments.metrics.downstream import evaluate_downstream, perplexity
 
-def record_weight_norms(run_dir: Path, line: dict) -> None:
-    """Put `line` (with its "batch") into weight_norms.jsonl, replacing an earlier line of the same batch
-    (a redone batch after a resume); the file is rewritten atomically, sorted by batch."""
-    path = Path(run_dir) / WEIGHT_NORMS_FILE
-    lines = [entry for entry in read_jsonl(path) if entry.get("batch") != line["batch"]] + [line]
-    lines.sort(key=lambda entry: entry["batch"])
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(json.dumps(entry) + "\n" for entry in lines))
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not Path(path).exists():
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        started = time.perf_counter()
+        results = evaluate_downstream(model, tok, self.tasks) if self.tasks else {}
+        tasks_seconds = time.perf_counter() - started
+        ppl_started = time.perf_counter()
+        ppl = perplexity(model, tok, self.perplexity_chunks)
+        return {"num_edits_done": edits_done, "after_batch": after_batch, "tasks": results,
+                "perplexity": {"value": ppl, **self.perplexity_source, "seconds": time.perf_counter() - ppl_started},
+                "tasks_seconds": tasks_seconds, "seconds": time.perf_counter() - started}
 
 
-# ---------------------------------------------------------------- retention
-
-def score_cases(model, tok, ds_name: str, records: list) -> list[dict]:
-    """The case metrics (NLLs, or zsRE token accuracies) of `records` on the model as it is now."""
-    if ds_name == "zsre":
-        return [zsre_case_metrics(model, tok, record) for record in records]
-    return counterfact_metrics_many(model, tok, records)
-
-
-def case_scores(ds_name: str, metrics: dict) -> dict:
-    return zsre_case_scores(metrics) if ds_name == "zsre" else counterfact_case_scores(metrics)
-
-
-def retention_checkpoint(model, tok, ds_name: str, records: list, edits_done: int, after_batch: int,
+def retention_checkpoint(evaluation, model, tok, records: list, edits_done: int, after_batch: int,
                          metrics: list | None = None) -> dict:
     """Every case edited so far, re-scored on the current model: per-case scores and their means.
     `metrics`: the records' metrics on this model when already computed (the final scores)."""
     started = time.perf_counter()
     if metrics is None:
-        metrics = score_cases(model, tok, ds_name, records)
-    scores = [case_scores(ds_name, case_metrics) for case_metrics in metrics]
+        metrics = evaluation.metrics(model, tok, records)
+    scores = [evaluation.scores(case_metrics) for case_metrics in metrics]
     means = {}
     for name in SCORED:
         values = [case[name] for case in scores if name in case]
@@ -94,66 +61,52 @@ def retention_checkpoint(model, tok, ds_name: str, records: list, edits_done: in
             "seconds": time.perf_counter() - started}
 
 
-# ---------------------------------------------------------------- model health
-
-def downstream_checkpoint(model, tok, tasks, perplexity_chunks, perplexity_source, edits_done: int,
-                          after_batch: int) -> dict:
-    """Downstream tasks (label likelihood) and perplexity on the current model."""
-    from experiments.metrics.downstream import evaluate_downstream, perplexity
-
-    started = time.perf_counter()
-    results = evaluate_downstream(model, tok, tasks) if tasks else {}
-    tasks_seconds = time.perf_counter() - started
-    ppl_started = time.perf_counter()
-    ppl = perplexity(model, tok, perplexity_chunks)
-    return {"num_edits_done": edits_done, "after_batch": after_batch, "tasks": results,
-            "perplexity": {"value": ppl, **perplexity_source, "seconds": time.perf_counter() - ppl_started},
-            "tasks_seconds": tasks_seconds, "seconds": time.perf_counter() - started}
-
-
-# ---------------------------------------------------------------- saved models
-
-def model_save_dir(run_dir: Path, edits_done: int) -> Path:
-    return Path(run_dir) / f"edited_model_{edits_done}edits"
+def final_scores(run, last_batch: int, chunk: int = 256) -> list[dict]:
+    """Sequential mode: "final" in every case file, the case re-scored on the model after the last batch
+    (retention). Cases that already have it (a resumed run) are left as they are. Returns every case's
+    final metrics, in the records' order."""
+    store, editor = run.store, run.editor
+    finals = [store.read_case(record["case_id"]).get("final") for record in run.records]
+    missing = [i for i, final in enumerate(finals) if final is None]
+    if missing:
+        log.info("final: re-scoring %d cases on the model after the last batch", len(missing))
+    for start in range(0, len(missing), chunk):
+        indices = missing[start:start + chunk]
+        scored = run.evaluation.metrics(editor.model, editor.tokenizer, [run.records[i] for i in indices])
+        for i, metrics in zip(indices, scored):
+            case = store.read_case(run.records[i]["case_id"])
+            store.write_case({**case, "final": metrics, "final_after_batch": last_batch,
+                              "final_num_edits_done": len(run.records)})
+            finals[i] = metrics
+    return finals
 
 
-def save_edited_model(model, tok, path: Path, edits: dict) -> None:
-    """save_pretrained (safetensors) + tokenizer + edits.json, into a hidden temporary folder renamed into
-    place, so `path` is either absent or complete. An existing `path` is kept (same state, same edits)."""
-    path = Path(path)
-    if (path / "edits.json").exists():
-        return
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmpdir"))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        write_json_atomic(tmp / "edits.json", edits)
-        if path.exists():  # a folder without edits.json: left by an older, interrupted save
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
-def remove_leftovers(run_dir: Path) -> None:
-    """Hidden temporary files and folders of writes a killed run never finished (never read)."""
-    for leftover in Path(run_dir).glob(".*.tmp*"):
-        if leftover.is_dir():
-            shutil.rmtree(leftover)
-        else:
-            leftover.unlink()
-
-
-def read_checkpoint(path: Path):
-    """A checkpoint file's object, or None when absent or unreadable (then it is recomputed)."""
-    try:
-        obj = read_json(path)
-    except (OSError, ValueError):
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
-def matrices_on_cpu(weights: dict) -> dict:
-    return {name: weight.detach().to("cpu", copy=True) for name, weight in weights.items()}
-
+def health_checks(run, edits_before: int, edits_after: int, batch: int, is_last: bool) -> None:
+    """The checkpoints due once the edits went from `edits_before` to `edits_after` (with `batch`; -1 and
+    0 edits: the unedited model). After the last batch, the final scores come first and a retention
+    checkpoint due then reuses them. Each file that already exists is kept: a resumed run fills in only what
+    is missing, for the model state it has now."""
+    args, store, editor = run.args, run.store, run.editor
+    model, tok = editor.model, editor.tokenizer
+    final = final_scores(run, batch) if is_last else None  # the last model: scored once, for both
+    if edits_after > 0 and is_due(args.retention_eval_steps, edits_before, edits_after):
+        if store.read_checkpoint("retention", edits_after) is None:
+            edited = [run.records[i] for i in range(edits_after)]
+            log.info("retention: %s the %d cases edited so far", "from the final scores of" if final is not None else
+                     "re-scoring", len(edited))
+            store.write_checkpoint("retention", edits_after, retention_checkpoint(
+                run.evaluation, model, tok, edited, edits_after, batch, metrics=final))
+    if run.health is not None and (is_last or edits_after == 0 or
+                                   is_due(args.downstream_eval_steps, edits_before, edits_after)):
+        if store.read_checkpoint("downstream", edits_after) is None:
+            log.info("model health after %d edits: %s", edits_after, ", ".join([*args.downstream_tasks, "perplexity"]))
+            store.write_checkpoint("downstream", edits_after, run.health.checkpoint(model, tok, edits_after, batch))
+    if edits_after > 0 and ((args.save_model and is_last) or is_due(args.model_save_interval, edits_before,
+                                                                     edits_after)):
+        path = store.model_dir(edits_after)
+        log.info("saving the edited model to %s", path)
+        editor.save_pretrained(path, extra={
+            "model_name": args.model_name, "model_id": store.params["model_id"], "run_dir": str(store.run_dir),
+            "num_edits_done": edits_after, "after_batch": batch,
+            "case_ids": [run.records[i]["case_id"] for i in range(edits_after)],
+            "requested_rewrites": [run.records[i]["requested_rewrite"] for i in range(edits_after)]})

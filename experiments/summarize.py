@@ -29,7 +29,7 @@ if __name__ == "__main__":  # run as a script: import the packages beside this f
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from experiments.lifelong import WEIGHT_NORMS_FILE, read_jsonl
+from experiments.run_store import WEIGHT_NORMS_FILE, read_jsonl
 from experiments.metrics.counterfact import counterfact_case_scores, harmonic_mean
 from experiments.metrics.zsre import zsre_case_scores
 from util.errors import InputError, report

@@ -99,6 +99,9 @@ def check_statistics_keys(hparams: dict, where: str) -> None:
         ("dynamic", isinstance(hparams.get("dynamic", False), bool), "true or false"),
         ("dynamic_multiplier", isinstance(multiplier, (int, float)) and not isinstance(multiplier, bool)
          and math.isfinite(multiplier) and multiplier > 0, "a positive number"),
+        ("mom2_max_length", hparams.get("mom2_max_length") is None or (is_int(hparams["mom2_max_length"])
+                                                                      and hparams["mom2_max_length"] > 0),
+         "a positive number of tokens, or null (the model's maximum positions)"),
         ("rewrite_module_tmp", isinstance(hparams.get("rewrite_module_tmp", ""), (str, type(None))),
          "a module name template such as 'transformer.h.{}.mlp.c_proj'"),
     )
@@ -177,7 +180,7 @@ def collect_moments(args, hparams: dict, distributed: bool, device: str) -> None
         corpus=args.corpus or hparams["mom2_dataset"],
         dynamic=hparams.get("dynamic", False),
         dynamic_multiplier=hparams.get("dynamic_multiplier", 0),
-        n_samples=hparams["mom2_n_samples"],
+        n_samples=hparams["mom2_n_samples"], max_length=hparams.get("mom2_max_length"),
         model_id=model_id, model_revision=revision,
         stats_dir=args.stats_dir, dtype=hparams["mom2_dtype"], device=device, batch_tokens=args.batch_tokens,
         accumulate_dtype=args.accumulate_dtype, distributed=distributed,

@@ -6,12 +6,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from algs import get_algorithm
+from algs import Editor, get_algorithm
 from experiments import evaluate_unified_editing as cli
 from tests.test_cli import argv_for, one_thread, ws  # noqa: F401
 from tests.test_engine import EDIT_REQUESTS, preference_margin, editable_model
 from util.errors import InputError
 from util.models import load_model, parse_device_map
+from util.io import read_json
 
 N_LAYER = 4
 
@@ -83,7 +84,7 @@ def test_cli_device_map_runs_and_refuses_an_offloaded_edit(ws, tmp_path, capsys)
                 **{f"transformer.h.{i}": "disk" if i == 3 else "cpu" for i in range(N_LAYER)}}
     base = ("--dataset_size_limit=2", "--skip_generation_tests")
     assert cli.main(argv_for(ws, tmp_path / "ok", *base, f"--device_map={json.dumps(gpt2_map)}")) == 0
-    params = cli.read_json(tmp_path / "ok" / "EMMET" / "run_000" / "params.json")
+    params = read_json(tmp_path / "ok" / "EMMET" / "run_000" / "params.json")
     assert params["status"] == "finished" and params["args"]["device_map"]["transformer.h.3"] == "disk"
     bad_map = {**gpt2_map, "transformer.h.1": "disk"}  # layer 1 is the edited one (test_cli's EDIT_LAYER)
     assert cli.main(argv_for(ws, tmp_path / "bad", *base, f"--device_map={json.dumps(bad_map)}")) == 2
@@ -99,10 +100,8 @@ def test_bfloat16_model_on_cpu_edits_with_each_algorithm(alg, saved_llama, corpu
     before = [preference_margin(model, tok, r) for r in EDIT_REQUESTS]
     # Tiny keys: the reference ridges (u = 10, L2 = 10) would swamp them; the whole space is "null" for AlphaEdit.
     extra = {"ENCORE": {"update_norm_lambda": 0.01}, "AlphaEdit": {"nullspace_threshold": 1e9, "L2": 0.01}}.get(alg, {})
-    _, apply = get_algorithm(alg)
-    report = {}
-    apply(model, tok, EDIT_REQUESTS, hparams(alg, corpus, mom2_dtype="bfloat16", **extra),
-          stats_dir=tmp_path / "stats", report=report)
+    report = Editor(model, tok, alg, hparams(alg, corpus, mom2_dtype="bfloat16", **extra),
+                    stats_dir=tmp_path / "stats").edit(EDIT_REQUESTS)
     assert model.model.layers[1].mlp.down_proj.weight.dtype == torch.bfloat16  # cast only at the end
     after = [preference_margin(model, tok, r) for r in EDIT_REQUESTS]
     for b, a in zip(before, after):

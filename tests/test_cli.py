@@ -17,6 +17,9 @@ from experiments.metrics.counterfact import counterfact_case_metrics
 from tests.conftest import make_tiny_model
 from util.globals import REPO_ROOT
 from util.models import load_model
+from experiments.run_store import CHECKPOINT_FILE
+from util.io import read_json
+from safetensors import safe_open
 
 N_LAYER = 4
 D_MLP = 64  # d_k of GPT-2's mlp.c_proj
@@ -136,7 +139,7 @@ def sequential_run(ws):
 
 
 def read_cases(run_dir: Path) -> dict:
-    return {case["case_id"]: case for case in map(cli.read_json, sorted(run_dir.glob("case_*.json")))}
+    return {case["case_id"]: case for case in map(read_json, sorted(run_dir.glob("case_*.json")))}
 
 
 def nlls(metrics: dict) -> list:
@@ -168,7 +171,7 @@ def test_boolean_flags_parse_words_and_reject_others():
 # ---------------------------------------------------------------- results format, batched vs sequential
 
 def test_batched_run_writes_the_results_format(ws, batched_run):
-    params = cli.read_json(batched_run.run_dir / "params.json")
+    params = read_json(batched_run.run_dir / "params.json")
     assert PARAMS_KEYS <= params.keys()
     assert params["status"] == "finished" and params["num_cases"] == N_CASES and params["args"]["sequential"] is False
     assert params["hparams"]["layers"] == [EDIT_LAYER] and params["hparams_fname"] == str(ws.hparams)
@@ -209,7 +212,7 @@ def test_sequential_mode_keeps_every_edit(ws, sequential_run):
     final = sequential_run.model.state_dict()
     changed = {name for name, weight in original.items() if not torch.equal(final[name], weight)}
     assert changed == {f"{REWRITE_MODULE}.weight"}
-    with cli.safe_open(str(sequential_run.run_dir / cli.CHECKPOINT_FILE), framework="pt") as f:
+    with safe_open(str(sequential_run.run_dir / CHECKPOINT_FILE), framework="pt") as f:
         assert f.metadata()["last_batch"] == str(N_CASES // NUM_EDITS - 1)
         assert torch.equal(f.get_tensor(REWRITE_MODULE), final[f"{REWRITE_MODULE}.weight"])
 
@@ -224,7 +227,7 @@ def test_rome_reports_each_cases_own_edit_and_negative_interval_means_never(ws, 
     # ROME writes each fact by its own rank-one edit: each case file holds its own solve.
     assert cases[0]["edit"]["layers"][0]["solver"] != cases[1]["edit"]["layers"][0]["solver"]
     assert all("generation" not in case["pre"] and case["generation_test"].startswith("skipped") for case in cases)
-    assert cli.read_json(run_dir / "params.json")["generation"]["run"] is False
+    assert read_json(run_dir / "params.json")["generation"]["run"] is False
 
 
 def test_use_cache_reuses_targets_in_batched_mode_only(ws, tmp_path, monkeypatch):
@@ -280,9 +283,9 @@ def test_killed_run_continues_with_every_case_exactly_once(ws, tmp_path, mode, r
     run_dir = tmp_path / "results" / "EMMET" / "run_000"
     ids = [r["case_id"] for r in ws.records]
     # Batched: kill once batches 0 and 1 are written; sequential: once batch 0's checkpoint is written.
-    written = [run_dir / cli.CHECKPOINT_FILE] if sequential else [run_dir / f"case_{i}.json" for i in ids[:4]]
+    written = [run_dir / CHECKPOINT_FILE] if sequential else [run_dir / f"case_{i}.json" for i in ids[:4]]
     run_and_kill(argv, written, tmp_path / "killed_run.log", entry, cwd=tmp_path)
-    assert cli.read_json(run_dir / "params.json")["status"] == "running"
+    assert read_json(run_dir / "params.json")["status"] == "running"
     assert len(list(run_dir.glob("case_*.json"))) < N_CASES  # the kill really interrupted the run
 
     if not sequential:  # a half-done batch: one of batch 1's files broken, batch 0 intact
@@ -292,7 +295,7 @@ def test_killed_run_continues_with_every_case_exactly_once(ws, tmp_path, mode, r
 
     assert sorted(p.name for p in run_dir.glob("case_*.json")) == sorted(f"case_{i}.json" for i in ids)
     assert not list(run_dir.glob(".*.tmp"))
-    params = cli.read_json(run_dir / "params.json")
+    params = read_json(run_dir / "params.json")
     assert params["status"] == "finished" and len(params["resumed_at"]) == 1
     if not sequential:
         assert [(run_dir / f"case_{i}.json").stat().st_mtime_ns for i in ids[:2]] == batch0_stamps

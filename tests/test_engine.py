@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from algs import get_algorithm, keyvals
-from algs.distribute import restore_weights, second_moment_for
+from algs import Editor
+from algs.distribute import second_moments_for
 from algs.pm_solver import PreservationFactor, objective_params, solve_update
 from tests.conftest import make_tiny_model
 from util.arch import get_module, module_names, weight_as_out_in
@@ -117,7 +118,7 @@ def real_problem(request, embedded_tokenizer, make_hparams, stats_dir):
     name = rewrite_name(model, EDIT_LAYER)
     templates = keyvals.context_templates(model, tok, TEMPLATE_LENGTHS)
     keys = keyvals.compute_keys(model, tok, name, KEY_REQUESTS, templates, "subject_last")
-    moment = second_moment_for(model, tok, make_hparams("EMMET"), name, stats_dir)
+    moment = second_moments_for(model, tok, make_hparams("EMMET"), [name], stats_dir)[name]
     d_v = weight_as_out_in(get_module(model, name)).shape[0]
     R = torch.randn(d_v, len(KEY_REQUESTS), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     return {"model": model, "name": name, "templates": templates, "keys": keys, "C0": moment.matrix,
@@ -241,10 +242,9 @@ def test_edit_writes_the_fact_and_weights_restore(arch, alg, editable_models, em
     hp = make_hparams(alg, layers=[1, 2] if alg == "MEMIT" else [EDIT_LAYER])
     original = {name: p.detach().clone() for name, p in model.named_parameters()}
     before = [preference_margin(model, tok, r) for r in EDIT_REQUESTS]
-    _, apply = get_algorithm(alg)
-    report = {}
-    edited, orig_weights = apply(model, tok, EDIT_REQUESTS, hp, copy=True, return_orig_weights=True,
-                                 stats_dir=stats_dir, report=report)
+    editor = Editor(copy.deepcopy(model), tok, alg, hp, stats_dir=stats_dir)
+    report = editor.edit(EDIT_REQUESTS)
+    edited, orig_weights = editor.model, editor.state.original_weights
 
     assert edited is not model
     assert all(p.requires_grad for p in edited.parameters())  # frozen() during the optimisation, then restored
@@ -260,7 +260,7 @@ def test_edit_writes_the_fact_and_weights_restore(arch, alg, editable_models, em
     assert changed == {f"{name}.weight" for name in rewritten}  # MEMIT spread: both layers; else one
     for name, weight in orig_weights.items():
         assert torch.equal(weight, original[f"{name}.weight"])
-    restore_weights(edited, orig_weights)
+    editor.restore()
     assert all(torch.equal(p, original[name]) for name, p in edited.named_parameters())
 
 
@@ -268,11 +268,11 @@ def test_memit_spread_changes_exactly_its_layers(editable_models, embedded_token
                                                  tmp_path):
     """Layers [2] change one matrix, [1, 2] two (targets shared through the cache: same z at layer 2)."""
     tok, model = embedded_tokenizer, editable_models["llama"]
-    _, apply = get_algorithm("MEMIT")
     for layers in ([2], [1, 2]):
-        report = {}
-        edited, _ = apply(model, tok, EDIT_REQUESTS, make_hparams("MEMIT", layers=layers), copy=True,
-                          stats_dir=stats_dir, target_cache_dir=tmp_path, report=report)
+        editor = Editor(copy.deepcopy(model), tok, "MEMIT", make_hparams("MEMIT", layers=layers), stats_dir=stats_dir,
+                        target_cache_dir=tmp_path)
+        report = editor.edit(EDIT_REQUESTS)
+        edited = editor.model
         changed = {name for (name, p), p0 in zip(edited.named_parameters(), model.parameters())
                    if not torch.equal(p, p0)}
         assert changed == {f"{rewrite_name(model, layer)}.weight" for layer in layers}
@@ -317,8 +317,8 @@ def test_spread_statistics_come_from_the_unedited_model(embedded_tokenizer, make
     apply(model, tok, EDIT_REQUESTS, hp, stats_dir=tmp_path / "cold")
     for layer in hp.layers:
         name = rewrite_name(model0, layer)
-        cached = second_moment_for(model0, tok, hp, name, tmp_path / "cold")
-        unedited = second_moment_for(model0, tok, hp, name, tmp_path / "fresh")
+        cached = second_moments_for(model0, tok, hp, [name], tmp_path / "cold")[name]
+        unedited = second_moments_for(model0, tok, hp, [name], tmp_path / "fresh")[name]
         assert cached.cache == "hit" and unedited.cache == "miss"
         assert torch.allclose(cached.matrix, unedited.matrix, rtol=1e-6, atol=0), f"C0 of layer {layer}"
 

@@ -9,11 +9,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from experiments import evaluate_unified_editing as cli
-from experiments import lifelong, summarize
+from experiments import summarize
 from experiments.metrics.counterfact import counterfact_case_metrics, counterfact_case_scores
 from tests.test_cli import (NUM_EDITS, N_CASES, REWRITE_MODULE, argv_for, nlls, one_thread, read_cases,  # noqa: F401
                             run_capturing_model, run_and_kill, ws)
 from util.models import load_model
+from experiments.run_store import WEIGHT_NORMS_FILE, read_jsonl
+from algs.editor import weight_norms
+from experiments.metrics import Evaluation
+from util.io import read_json
 
 HEALTH = ("--do_downstream_eval", "--downstream_eval_steps=4", "--downstream_tasks=sst2,mmlu",
           "--number_of_few_shots=1", "--number_of_tests=3")
@@ -64,27 +68,28 @@ def test_final_scores_are_the_cases_on_the_last_model(ws, lifelong_run):
 def test_last_retention_checkpoint_reuses_the_final_scores(ws, tmp_path, monkeypatch):
     """After the last batch the cases are scored once: the retention checkpoint then is the final scores."""
     scored = []
-    score_cases = lifelong.score_cases
+    metrics = Evaluation.metrics
 
-    def counting(model, tok, ds_name, records):
+    def counting(self, model, tok, records):
         scored.append(len(records))
-        return score_cases(model, tok, ds_name, records)
+        return metrics(self, model, tok, records)
 
-    monkeypatch.setattr(lifelong, "score_cases", counting)
+    monkeypatch.setattr(Evaluation, "metrics", counting)
     argv = argv_for(ws, tmp_path / "results", "--sequential", "--skip_generation_tests", "--retention_eval_steps=2")
     assert cli.main(argv) == 0
-    assert scored == [2, 4, N_CASES]  # retention after 2 and 4 edits; the last model once, not twice
+    # per batch of 2: pre and post; then retention after 2 and 4 edits; the last model once (final), not twice
+    assert scored == [2, 2, 2, 2, 2, 4, 2, 2, N_CASES]
     run_dir = next((tmp_path / "results" / "EMMET").glob("run_*"))
-    retention = cli.read_json(run_dir / f"retention_{N_CASES}edits.json")
+    retention = read_json(run_dir / f"retention_{N_CASES}edits.json")
     for case_id, case in read_cases(run_dir).items():
-        assert retention["cases"][str(case_id)] == lifelong.case_scores("cf", case["final"])
+        assert retention["cases"][str(case_id)] == Evaluation("cf").scores(case["final"])
 
 
 def test_retention_checkpoints_rescore_the_cases_edited_so_far(ws, lifelong_run):
     run_dir, _ = lifelong_run
     files = sorted(p.name for p in run_dir.glob("retention_*edits.json"))
     assert files == ["retention_4edits.json"]  # 6 cases in batches of 2: 4 is the only multiple of 4 reached
-    retention = cli.read_json(run_dir / "retention_4edits.json")
+    retention = read_json(run_dir / "retention_4edits.json")
     assert retention["num_edits_done"] == 4 and retention["after_batch"] == 1
     assert sorted(retention["cases"]) == sorted(str(r["case_id"]) for r in ws.records[:4])
     cases = read_cases(run_dir)
@@ -100,19 +105,19 @@ def test_downstream_checkpoints_at_zero_every_n_and_the_end(lifelong_run):
     run_dir, _ = lifelong_run
     assert sorted(p.name for p in run_dir.glob("downstream_*edits.json")) == [
         "downstream_0edits.json", "downstream_4edits.json", "downstream_6edits.json"]
-    zero = cli.read_json(run_dir / "downstream_0edits.json")
+    zero = read_json(run_dir / "downstream_0edits.json")
     assert zero["num_edits_done"] == 0 and zero["after_batch"] == -1
     assert set(zero["tasks"]) == {"sst2", "mmlu"}
     for result in zero["tasks"].values():
         assert result["n"] == 3 and result["k"] == 1 and 0 <= result["accuracy"] <= 1
     assert zero["perplexity"]["value"] > 1
-    params = cli.read_json(run_dir / "params.json")
+    params = read_json(run_dir / "params.json")
     assert params["downstream"]["run"] is True and set(params["downstream"]["tasks"]) == {"sst2", "mmlu"}
 
 
 def test_weight_norms_line_per_batch_by_hand(ws, lifelong_run):
     run_dir, model = lifelong_run
-    lines = lifelong.read_jsonl(run_dir / lifelong.WEIGHT_NORMS_FILE)
+    lines = read_jsonl(run_dir / WEIGHT_NORMS_FILE)
     assert [line["batch"] for line in lines] == [0, 1, 2]
     assert [line["num_edits_done"] for line in lines] == [2, 4, 6]
     w0 = load_model(str(ws.model_dir))[0].get_submodule(REWRITE_MODULE).weight.double()
@@ -128,7 +133,7 @@ def test_weight_norms_line_per_batch_by_hand(ws, lifelong_run):
 
 def test_weight_norms_helper_by_hand():
     current = {"w": torch.tensor([[3.0, 4.0]])}
-    norms = lifelong.weight_norms(current, {"w": torch.tensor([[0.0, 4.0]])}, {"w": torch.tensor([[3.0, 0.0]])})
+    norms = weight_norms(current, {"w": torch.tensor([[0.0, 4.0]])}, {"w": torch.tensor([[3.0, 0.0]])})
     assert norms == {"w": {"weight_norm": 5.0, "distance_from_initial": 3.0, "update_norm": 4.0}}
 
 
@@ -156,12 +161,12 @@ def test_summarize_tables_and_plots_a_sequential_run(lifelong_run, tmp_path, cap
     summary = summarize.summarize_run(run_dir)
     rows = {row["edits"]: row for row in summary["checkpoints"]}
     assert sorted(rows) == [0, 4, 6]
-    retention = cli.read_json(run_dir / "retention_4edits.json")
+    retention = read_json(run_dir / "retention_4edits.json")
     assert rows[4]["retention_ES"] == pytest.approx(100 * retention["mean"]["ES"])
-    downstream = cli.read_json(run_dir / "downstream_4edits.json")
+    downstream = read_json(run_dir / "downstream_4edits.json")
     assert rows[4]["sst2_accuracy"] == pytest.approx(100 * downstream["tasks"]["sst2"]["accuracy"])
     assert rows[4]["perplexity"] == pytest.approx(downstream["perplexity"]["value"])
-    norms = lifelong.read_jsonl(run_dir / lifelong.WEIGHT_NORMS_FILE)
+    norms = read_jsonl(run_dir / WEIGHT_NORMS_FILE)
     assert rows[4]["max_distance_from_initial"] == pytest.approx(norms[1]["matrices"][REWRITE_MODULE]["distance_from_initial"])
     assert "retention_ES" not in rows[0] and "post_ES" not in rows[0]
     assert rows[6]["retention_ES"] == pytest.approx(summary["final_ES_mean"])  # the end: "final" of every case
@@ -205,7 +210,7 @@ def test_killed_lifelong_run_resumes_with_every_file_once(ws, lifelong_run, tmp_
     log_path = tmp_path / "killed.log"
     # Kill once batch 1's retention checkpoint exists: the edits of batches 0-1 and their files are done.
     run_and_kill(argv, [run_dir / "retention_4edits.json"], log_path)
-    assert cli.read_json(run_dir / "params.json")["status"] == "running"
+    assert read_json(run_dir / "params.json")["status"] == "running"
     assert not (run_dir / "downstream_6edits.json").exists()
     assert cli.main(argv + ["--continue_from_run=run_000"]) == 0
 
@@ -216,12 +221,12 @@ def test_killed_lifelong_run_resumes_with_every_file_once(ws, lifelong_run, tmp_
     for case_id, case in reference.items():
         for when in ("pre", "post", "final"):
             assert nlls(resumed[case_id][when]) == pytest.approx(nlls(case[when]), rel=1e-4, abs=1e-6)
-    assert [line["batch"] for line in lifelong.read_jsonl(run_dir / lifelong.WEIGHT_NORMS_FILE)] == [0, 1, 2]
+    assert [line["batch"] for line in read_jsonl(run_dir / WEIGHT_NORMS_FILE)] == [0, 1, 2]
     for name in ("retention_4edits.json", "downstream_0edits.json", "downstream_6edits.json"):
-        ours, theirs = cli.read_json(run_dir / name), cli.read_json(reference_dir / name)
+        ours, theirs = read_json(run_dir / name), read_json(reference_dir / name)
         assert ours["num_edits_done"] == theirs["num_edits_done"]
-    assert cli.read_json(run_dir / "downstream_6edits.json")["perplexity"]["value"] == pytest.approx(
-        cli.read_json(reference_dir / "downstream_6edits.json")["perplexity"]["value"], rel=1e-4)
+    assert read_json(run_dir / "downstream_6edits.json")["perplexity"]["value"] == pytest.approx(
+        read_json(reference_dir / "downstream_6edits.json")["perplexity"]["value"], rel=1e-4)
 
 
 def test_cli_reads_published_statistics_and_records_their_provenance(ws, tmp_path):
@@ -238,7 +243,7 @@ def test_cli_reads_published_statistics_and_records_their_provenance(ws, tmp_pat
     argv = argv_for(ws, tmp_path / "results", "--dataset_size_limit=2", "--skip_generation_tests",
                     f"--published_stats_dir={tmp_path / 'published'}", f"--stats_dir={tmp_path / 'stats'}")
     assert cli.main(argv) == 0
-    params = cli.read_json(tmp_path / "results" / "EMMET" / "run_000" / "params.json")
+    params = read_json(tmp_path / "results" / "EMMET" / "run_000" / "params.json")
     published = params["statistics"][REWRITE_MODULE]["published"]
     assert published["path"] == str(npz) and published["count"] == 500
     assert published["sha256"] == hashlib.sha256(npz.read_bytes()).hexdigest()

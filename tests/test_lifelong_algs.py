@@ -7,7 +7,8 @@ import torch
 from safetensors import safe_open
 
 from algs import get_algorithm, keyvals
-from algs.distribute import load_sequential_state, restore_weights, sequential_state
+from algs import Editor
+from algs.distribute import second_moments_for
 from algs.hparams import HparamsError
 from algs.pm_solver import PreservationFactor, null_space_basis, solve_update
 from experiments import evaluate_unified_editing as cli
@@ -16,6 +17,9 @@ from tests.test_engine import (EDIT_REQUESTS, EDIT_LAYER, N_LAYER, TEMPLATE_LENG
                                editable_model, preference_margin, stats_dir)
 from tests.test_pm_solver import D_K, F64, close, make_batch, make_c0, memit_direct
 from util.arch import get_module, module_names, weight_as_out_in
+from experiments.run_store import CHECKPOINT_FILE
+from algs.editor import STATE_PREFIX
+from util.io import read_json
 
 LAMBDA, L2 = 100.0, 10.0
 
@@ -153,25 +157,29 @@ def test_new_algorithms_with_switches_off_equal_memit(alg, off, embedded_tokeniz
     assert close(deltas[alg], deltas["MEMIT"], 1e-10)
 
 
-def test_encore_and_alphaedit_write_facts_and_keep_state_sequentially(embedded_tokenizer, corpus, stats_dir):  # noqa: F811
+def test_encore_and_alphaedit_write_facts_and_keep_state_sequentially(embedded_tokenizer, corpus, stats_dir,  # noqa: F811
+                                                                     tmp_path):
     tok = embedded_tokenizer
     for alg in ("ENCORE", "AlphaEdit"):
         model = editable_model("gpt2", tok)
+        original = {name: p.detach().clone() for name, p in model.named_parameters()}
         hp = engine_hparams(alg, corpus, **({"nullspace_threshold": 1e9} if alg == "AlphaEdit" else {}))
-        _, apply = get_algorithm(alg)
+        editor = Editor(model, tok, alg, hp, stats_dir=stats_dir)
         module = module_names(model).rewrite_module_tmp.format(EDIT_LAYER)
-        _, original = apply(model, tok, EDIT_REQUESTS[:1], hp, return_orig_weights=True, stats_dir=stats_dir)
-        state = sequential_state(model)
+        editor.edit(EDIT_REQUESTS[:1])
+        state = {name: cov.clone() for name, cov in editor.state.prev_keys_cov.items()}
         assert set(state) == {module} and state[module].dtype == torch.float64
-        report = {}
-        apply(model, tok, EDIT_REQUESTS[1:], hp, stats_dir=stats_dir, report=report)
+        editor.save_state(tmp_path / f"{alg}.safetensors")
+        report = editor.edit(EDIT_REQUESTS[1:])
         assert report["batches"][0]["layers"][0]["solver"]["prev_edits"] is True
         assert preference_margin(model, tok, EDIT_REQUESTS[1]) < -1.0
-        assert torch.linalg.eigvalsh(sequential_state(model)[module]).min() > -1e-9  # Σ K Kᵀ: PSD
-        restore_weights(model, original)  # the edits are gone, and so is their state
-        assert sequential_state(model) == {}
-        load_sequential_state(model, state)
-        assert torch.equal(sequential_state(model)[module], state[module])
+        assert torch.linalg.eigvalsh(editor.state.prev_keys_cov[module]).min() > -1e-9  # Σ K Kᵀ: PSD
+        assert len(editor.edits) == 2
+        editor.restore()  # the edits are gone, and so is their state
+        assert editor.state.prev_keys_cov == {} and editor.edits == []
+        assert all(torch.equal(p, original[name]) for name, p in model.named_parameters())
+        editor.load_state(tmp_path / f"{alg}.safetensors")
+        assert torch.equal(editor.state.prev_keys_cov[module], state[module]) and len(editor.edits) == 1
 
 
 def test_alphaedit_edit_leaves_kept_space_keys_alone(embedded_tokenizer, corpus, stats_dir):  # noqa: F811
@@ -180,8 +188,7 @@ def test_alphaedit_edit_leaves_kept_space_keys_alone(embedded_tokenizer, corpus,
     model = editable_model("llama", tok)
     _, apply = get_algorithm("AlphaEdit")
     module = module_names(model).rewrite_module_tmp.format(EDIT_LAYER)
-    C0 = __import__("algs.distribute", fromlist=["x"]).second_moment_for(
-        model, tok, engine_hparams("AlphaEdit", corpus), module, stats_dir).matrix
+    C0 = second_moments_for(model, tok, engine_hparams("AlphaEdit", corpus), [module], stats_dir)[module].matrix
     eigenvalues = torch.linalg.eigvalsh(C0)
     threshold = float(eigenvalues[len(eigenvalues) // 2])  # half the spectrum is "null space"
     edited, saved = apply(model, tok, EDIT_REQUESTS, engine_hparams("AlphaEdit", corpus, nullspace_threshold=threshold),
@@ -247,7 +254,7 @@ def encore_hparams_file(ws, path):  # noqa: F811
 
 
 def checkpoint_tensors(run_dir):
-    with safe_open(str(run_dir / cli.CHECKPOINT_FILE), framework="pt") as f:
+    with safe_open(str(run_dir / CHECKPOINT_FILE), framework="pt") as f:
         return {name: f.get_tensor(name) for name in f.keys()}
 
 
@@ -257,14 +264,14 @@ def test_killed_sequential_encore_run_resumes_bit_exactly(ws, tmp_path):  # noqa
     assert cli.main(argv_for(ws, tmp_path / "straight", *extra, hparams=hparams, alg="ENCORE")) == 0
     straight = tmp_path / "straight" / "ENCORE" / "run_000"
     reference = checkpoint_tensors(straight)
-    state_names = [name for name in reference if name.startswith(cli.STATE_PREFIX)]
-    assert state_names == [cli.STATE_PREFIX + "transformer.h.1.mlp.c_proj"]
+    state_names = [name for name in reference if name.startswith(STATE_PREFIX)]
+    assert state_names == [STATE_PREFIX + "transformer.h.1.mlp.c_proj"]
 
     argv = argv_for(ws, tmp_path / "killed", *extra, hparams=hparams, alg="ENCORE")
     run_dir = tmp_path / "killed" / "ENCORE" / "run_000"
     log_path = tmp_path / "killed.log"
-    run_and_kill(argv, [run_dir / cli.CHECKPOINT_FILE], log_path)
-    assert cli.read_json(run_dir / "params.json")["status"] == "running"
+    run_and_kill(argv, [run_dir / CHECKPOINT_FILE], log_path)
+    assert read_json(run_dir / "params.json")["status"] == "running"
     assert cli.main(argv + ["--continue_from_run=run_000"]) == 0
     resumed = checkpoint_tensors(run_dir)
     assert resumed.keys() == reference.keys()

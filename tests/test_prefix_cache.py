@@ -58,6 +58,7 @@ def test_the_optimised_vector_changes_the_prediction(embedded_tokenizer):
 def test_edit_through_either_path_writes_the_same_update(embedded_tokenizer, tmp_path):
     """apply_*(..., prefix_cache=False) is the baseline switch; both give the same Δ, and the report times
     each phase of the edit."""
+    from algs import Editor
     from algs.distribute import orig_weights
     from tests.test_engine import EDIT_REQUESTS
 
@@ -71,14 +72,13 @@ def test_edit_through_either_path_writes_the_same_update(embedded_tokenizer, tmp
         "v_weight_decay": 1e-3, "clamp_norm_factor": 10.0, "kl_factor": 0.0625,
         "context_template_length_params": TEMPLATE_LENGTHS, "mom2_dataset": str(corpus), "dynamic": True,
         "dynamic_multiplier": 4, "mom2_update_weight": 100.0})
-    _, apply = get_algorithm("EMMET")
     original = orig_weights(model, hp)
     deltas = {}
     for cached in (False, True):
-        report = {}
-        edited, _ = apply(model, tok, EDIT_REQUESTS, hp, copy=True, stats_dir=tmp_path / "stats", report=report,
-                          prefix_cache=cached)
-        deltas[cached] = {name: w - original[name] for name, w in orig_weights(edited, hp).items()}
+        editor = Editor(model, tok, "EMMET", hp, stats_dir=tmp_path / "stats", prefix_cache=cached)
+        with editor.edited(EDIT_REQUESTS) as report:
+            deltas[cached] = {name: w - original[name] for name, w in orig_weights(model, hp).items()}
+        assert all(torch.equal(w, original[name]) for name, w in orig_weights(model, hp).items())
         phases = report["batches"][0]["phase_seconds"]
         assert set(phases) == {"templates", "statistics", "targets", "keys", "solve"}
         assert phases["targets"] > 0 and sum(phases.values()) <= report["batches"][0]["seconds"] + 1e-3

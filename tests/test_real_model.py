@@ -10,7 +10,7 @@ import json
 import pytest
 
 from algs import get_algorithm
-from algs.distribute import orig_weights, restore_weights
+from algs.distribute import orig_weights, put_weights
 from dsets import CounterFactDataset
 from experiments.metrics.counterfact import counterfact_case_metrics, counterfact_case_scores
 from tests.conftest import shared_path
@@ -55,7 +55,7 @@ def edit_and_score(smollm, records, requests, alg, target_cache, **overrides):
         apply(model, tok, requests, hparams, target_cache_dir=target_cache)
         scores = [counterfact_case_scores(counterfact_case_metrics(model, tok, r)) for r in records]
     finally:
-        restore_weights(model, saved)
+        put_weights(model, saved)
     summary = {m: sum(s[m] for s in scores) / len(scores) for m in ("ES", "PS", "NS")}
     print(f"\n{alg} on SmolLM2-135M, {len(records)} CounterFact cases: "
           + ", ".join(f"{m} {100 * v:.0f}%" for m, v in summary.items()))

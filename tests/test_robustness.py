@@ -32,6 +32,10 @@ from tests.test_summarize import make_run
 from util import io, tokens
 from util.errors import InputError
 from util.globals import REPO_ROOT
+from experiments import run_store
+from experiments.run_store import CHECKPOINT_FILE, PARAMS_FILE, RunStore
+from util.io import read_json
+from safetensors import safe_open
 
 PREFIX = "evaluate_unified_editing: error: "
 TWO_CASES = ("--dataset_size_limit=2", "--skip_generation_tests")
@@ -242,7 +246,7 @@ def test_resume_after_the_dataset_changed_is_refused(ws, tmp_path, capsys, monke
     argv = argv_for(ws, results, f"--data_dir={data_dir}", *TWO_CASES)
     assert cli.main(argv) == 0
     run_dir = results / "EMMET" / "run_000"
-    params = cli.read_json(run_dir / "params.json")
+    params = read_json(run_dir / "params.json")
     assert len(params["dataset_fingerprint"]) == 16
     capsys.readouterr()
     data_dir_with(tmp_path, ws, rewrite("target_new", {"str": "German"}))
@@ -275,14 +279,14 @@ def test_ctrl_c_stops_between_writes_and_the_run_resumes(ws, tmp_path):
     errors = [line for line in err.splitlines() if line.startswith(PREFIX)]
     assert errors == [f"{PREFIX}interrupted (Ctrl-C) in {run_dir}: finished batches are kept; to go on, run the "
                       f"same command with --continue_from_run run_000"] and "Traceback" not in err
-    params = cli.read_json(run_dir / "params.json")
+    params = read_json(run_dir / "params.json")
     assert params["status"] == "interrupted" and params["error"] == "interrupted (Ctrl-C)"
     assert len(list(run_dir.glob("case_*.json"))) % NUM_EDITS == 0  # whole batches only
     (run_dir / ".tmpAbC123").write_bytes(b"\0" * 64)  # what a killed safetensors save_file used to leave
     assert cli.main(argv + ["--continue_from_run=run_000"]) == 0
     assert sorted(read_cases(run_dir)) == [r["case_id"] for r in ws.records[:4]]
     assert not list(run_dir.glob(".*tmp*"))
-    params = cli.read_json(run_dir / "params.json")
+    params = read_json(run_dir / "params.json")
     assert params["status"] == "finished" and "error" not in params and "stopped_at" not in params
 
 
@@ -291,20 +295,20 @@ def test_results_that_become_unwritable_mid_run(ws, tmp_path, capsys, monkeypatc
     argv = argv_for(ws, results, "--dataset_size_limit=4", "--skip_generation_tests")
     run_dir = results / "EMMET" / "run_000"
     blocked = f"case_{ws.records[2]['case_id']}.json"  # batch 1
-    write = cli.write_json_atomic
+    write = run_store.write_json_atomic
 
     def write_until_blocked(path, obj, **kwargs):
         if Path(path).name == blocked:
             raise PermissionError(13, "Permission denied", str(path))
         write(path, obj, **kwargs)
 
-    monkeypatch.setattr(cli, "write_json_atomic", write_until_blocked)
+    monkeypatch.setattr(run_store, "write_json_atomic", write_until_blocked)
     line = cli_error(capsys, argv)
     assert line == (f"{PREFIX}cannot write {run_dir / blocked} (Permission denied) in {run_dir}: finished batches "
                     f"are kept; to go on, run the same command with --continue_from_run run_000")
-    assert cli.read_json(run_dir / "params.json")["status"] == "failed"
+    assert read_json(run_dir / "params.json")["status"] == "failed"
     batch0 = {case_id: (run_dir / f"case_{case_id}.json").read_bytes() for case_id in (10, 11)}
-    monkeypatch.setattr(cli, "write_json_atomic", write)
+    monkeypatch.setattr(run_store, "write_json_atomic", write)
     assert cli.main(argv + ["--continue_from_run=run_000"]) == 0
     assert sorted(read_cases(run_dir)) == [r["case_id"] for r in ws.records[:4]]
     assert all((run_dir / f"case_{case_id}.json").read_bytes() == data for case_id, data in batch0.items())
@@ -326,29 +330,30 @@ def test_an_error_in_the_edit_loop_is_a_message_and_a_resumable_run(ws, tmp_path
     line = cli_error(capsys, argv, status=cli.FAILED_STATUS)
     assert line.startswith(f"{PREFIX}RuntimeError: CUDA out of memory (simulated) in {run_dir}: ")
     assert "the traceback is in params.json" in line and "--continue_from_run run_000" in line
-    params = cli.read_json(run_dir / "params.json")
+    params = read_json(run_dir / "params.json")
     assert params["status"] == "failed" and "fail_second_batch" in params["error_traceback"]
     assert len(read_cases(run_dir)) == NUM_EDITS
 
 
 def test_a_killed_checkpoint_write_leaves_only_our_temporary_file(tmp_path):
     """safetensors' save_file wrote a hidden `.tmpXXXX` of its own, which resume never removed."""
-    target = tmp_path / "run" / cli.CHECKPOINT_FILE
+    target = tmp_path / "run" / CHECKPOINT_FILE
     script = ("import os, signal, torch\nfrom util import io\n"
               "os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)\n"
               f"io.write_tensors_atomic({str(target)!r}, {{'w': torch.ones(256, 256)}})\n")
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, timeout=120)
     assert result.returncode == -signal.SIGKILL
     leftovers = [path.name for path in target.parent.iterdir()]
-    assert len(leftovers) == 1 and leftovers[0].startswith(f".{cli.CHECKPOINT_FILE}.") and leftovers[0].endswith(".tmp")
-    cli.lifelong.remove_leftovers(target.parent)
-    assert not list(target.parent.iterdir())
+    assert len(leftovers) == 1 and leftovers[0].startswith(f".{CHECKPOINT_FILE}.") and leftovers[0].endswith(".tmp")
+    (target.parent / PARAMS_FILE).write_text('{"args": {}}')
+    RunStore.open_for_resume(target.parent.parent, target.parent.name).resume()  # what --continue_from_run does
+    assert [path.name for path in target.parent.iterdir()] == [PARAMS_FILE]
 
 
 def test_checkpoint_bytes_read_back(tmp_path):
     path = tmp_path / "weights.safetensors"
     io.write_tensors_atomic(path, {"a": torch.arange(6.0).view(2, 3)}, {"last_batch": "3"})
-    with cli.safe_open(str(path), framework="pt") as f:
+    with safe_open(str(path), framework="pt") as f:
         assert f.metadata()["last_batch"] == "3" and torch.equal(f.get_tensor("a"), torch.arange(6.0).view(2, 3))
     assert [p.name for p in tmp_path.iterdir()] == ["weights.safetensors"]
 

@@ -15,7 +15,8 @@ import torch
 from safetensors import safe_open
 
 from algs import get_algorithm
-from algs.distribute import _layer_moments
+from algs.distribute import EditOptions, layer_moments
+from algs.state import EditState
 from algs.second_moment import (
     DEFAULT_BATCH_TOKENS,
     _batches,
@@ -139,11 +140,12 @@ def test_distribute_asks_for_every_edited_layer_at_once(model, embedded_tokenize
     layer_second_moment(model, tok, LLAMA.format(0), **options(tmp_path / "one", corpus_file, model_id="x",
                                                                batch_tokens=DEFAULT_BATCH_TOKENS))
     calls = count_forwards(model)
-    moments = _layer_moments(model, tok, hp, module_names(model), tmp_path / "stats")
+    state, options = EditState(), EditOptions(stats_dir=tmp_path / "stats")
+    moments = layer_moments(model, tok, hp, state, options)
     assert sorted(moments) == [0, 1, 2] and all(m.cache == "miss" and m.n_tokens == 3 * D_MLP
                                                 for m in moments.values())
     assert len(calls) == len(single_calls) // 2  # one pass (the single-layer call above made the other half)
-    assert _layer_moments(model, tok, hp, module_names(model), tmp_path / "stats") == moments  # in memory
+    assert layer_moments(model, tok, hp, state, options) == moments  # in memory
 
 
 def test_float32_products_are_keyed_apart_and_close(model, embedded_tokenizer, corpus_file, tmp_path):

@@ -16,6 +16,10 @@ class InputError(ValueError):
         super().__init__(what if where is None else f"{what} in {where}: {fix}")
 
 
+class UsageError(InputError):
+    """A bad command-line value or combination; the CLIs print the message and exit with status 2."""
+
+
 def one_line(message) -> str:
     """`message` with its line breaks folded into spaces (an error must fit one line)."""
     return " ".join(part.strip() for part in str(message).splitlines() if part.strip())

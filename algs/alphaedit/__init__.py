@@ -7,8 +7,9 @@ the projection off the λC0 preservation of MEMIT is used, so with every switch 
 """
 from dataclasses import dataclass
 
+from algs.distribute import Objective, apply_function
 from algs.hparams import EditHparams
-from algs.memit import apply_least_squares
+from algs.memit import least_squares
 
 
 @dataclass
@@ -18,8 +19,9 @@ class AlphaEditHyperParams(EditHparams):
     L2: float = 10.0  # ridge on the projected update (AlphaEdit's name for it)
 
 
-def apply_alphaedit_to_model(model, tok, requests, hparams: AlphaEditHyperParams, copy=False,
-                             return_orig_weights=False, **kwargs):
+def objective(hparams: AlphaEditHyperParams, batch_size: int) -> Objective:
     mom2_update_weight = 0.0 if hparams.nullspace_threshold > 0 else hparams.mom2_update_weight
-    return apply_least_squares("AlphaEdit", model, tok, requests, hparams, mom2_update_weight,
-                               hparams.L2 + hparams.update_norm_lambda, copy, return_orig_weights, **kwargs)
+    return least_squares("AlphaEdit", batch_size, mom2_update_weight, hparams.L2 + hparams.update_norm_lambda)
+
+
+apply_alphaedit_to_model = apply_function(objective)

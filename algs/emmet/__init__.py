@@ -5,10 +5,9 @@ none is added for a batch of one (EMMET with B = 1 is ROME with consistent keys)
 """
 from dataclasses import dataclass
 
-from algs.distribute import Objective, apply_to_model
+from algs.distribute import Objective, apply_function
 from algs.hparams import EditHparams
 from algs.pm_solver import objective_params
-from util.checks import check_edit_inputs
 
 
 @dataclass
@@ -16,15 +15,11 @@ class EMMETHyperParams(EditHparams):
     emmet_lambda: float = 0.1
 
 
-def apply_emmet_to_model(model, tok, requests, hparams: EMMETHyperParams, copy=False, return_orig_weights=False,
-                         **kwargs):
-    check_edit_inputs(model, requests, hparams, "apply_emmet_to_model")
+def objective(hparams: EMMETHyperParams, batch_size: int) -> Objective:
+    return Objective("EMMET", objective_params("emmet", batch_size, hparams.mom2_update_weight,
+                                               emmet_lambda=hparams.emmet_lambda,
+                                               update_norm_lambda=hparams.update_norm_lambda),
+                     flat_templates=False, value_at_mlp=False)
 
-    def objective(batch_size):
-        return Objective("EMMET", objective_params("emmet", batch_size, hparams.mom2_update_weight,
-                                                   emmet_lambda=hparams.emmet_lambda,
-                                                   update_norm_lambda=hparams.update_norm_lambda),
-                         flat_templates=False, value_at_mlp=False)
 
-    return apply_to_model(model, tok, requests, hparams, objective, copy=copy,
-                          return_orig_weights=return_orig_weights, **kwargs)
+apply_emmet_to_model = apply_function(objective)

@@ -5,8 +5,9 @@ switch of the shared modules; with all three off ENCORE is MEMIT.
 """
 from dataclasses import dataclass
 
+from algs.distribute import Objective, apply_function
 from algs.hparams import EditHparams
-from algs.memit import apply_least_squares
+from algs.memit import least_squares
 
 
 @dataclass
@@ -16,7 +17,8 @@ class ENCOREHyperParams(EditHparams):
     update_norm_lambda: float = 10.0
 
 
-def apply_encore_to_model(model, tok, requests, hparams: ENCOREHyperParams, copy=False, return_orig_weights=False,
-                          **kwargs):
-    return apply_least_squares("ENCORE", model, tok, requests, hparams, hparams.mom2_update_weight,
-                               hparams.update_norm_lambda, copy, return_orig_weights, **kwargs)
+def objective(hparams: ENCOREHyperParams, batch_size: int) -> Objective:
+    return least_squares("ENCORE", batch_size, hparams.mom2_update_weight, hparams.update_norm_lambda)
+
+
+apply_encore_to_model = apply_function(objective)

@@ -1,10 +1,11 @@
 """ROME: one fact at a time, equality constraint, v* at the MLP output (Meng et al. 2022)."""
 from dataclasses import dataclass, field
 
-from algs.distribute import Objective, apply_to_model
+from algs.distribute import Objective, apply_function
 from algs.hparams import EditHparams
 from algs.pm_solver import objective_params
-from util.checks import check_edit_inputs
+
+ONE_AT_A_TIME = True  # each fact is its own rank-one edit, in order, on the model edited so far
 
 
 @dataclass
@@ -15,13 +16,9 @@ class ROMEHyperParams(EditHparams):
     consistent_keys: bool = False
 
 
-def apply_rome_to_model(model, tok, requests, hparams: ROMEHyperParams, copy=False, return_orig_weights=False,
-                        **kwargs):
-    check_edit_inputs(model, requests, hparams, "apply_rome_to_model")
+def objective(hparams: ROMEHyperParams, batch_size: int) -> Objective:
+    return Objective("ROME", objective_params("rome", batch_size, 1.0, update_norm_lambda=hparams.update_norm_lambda),
+                     flat_templates=True, value_at_mlp=True, consistent_keys=hparams.consistent_keys)
 
-    def objective(batch_size):
-        return Objective("ROME", objective_params("rome", batch_size, 1.0, update_norm_lambda=hparams.update_norm_lambda),
-                         flat_templates=True, value_at_mlp=True, consistent_keys=hparams.consistent_keys)
 
-    return apply_to_model(model, tok, requests, hparams, objective, copy=copy,
-                          return_orig_weights=return_orig_weights, one_at_a_time=True, **kwargs)
+apply_rome_to_model = apply_function(objective, one_at_a_time=ONE_AT_A_TIME)
