@@ -14,7 +14,8 @@ import torch
 
 from algs import keyvals, regularisers
 from algs.pm_solver import ObjectiveParams, PreservationFactor, null_space_basis, solve_update
-from algs.second_moment import SecondMoment, layer_second_moments
+from algs.stats_cache import SecondMoment
+from algs.second_moment import layer_second_moments
 from algs.state import EditState
 from util.arch import get_module, module_names, num_layers, add_update, weight_as_out_in
 from util.checks import check_edit_inputs

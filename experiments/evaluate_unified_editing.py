@@ -38,7 +38,7 @@ from tqdm import tqdm
 from algs import Editor, algorithm
 from algs.editor import hparams_path
 from algs.requests import request_of
-from algs.second_moment import CorpusUnavailable, check_corpus
+from algs.stats_corpus import CorpusUnavailable, check_corpus
 from dsets import DATASETS, AttributeSnippets, DatasetNotFound, get_tfidf_vectorizer, load_records
 from experiments import lifelong
 from experiments.arguments import DEFAULT_RUN_ARGV, RESULT_ARG_DEFAULTS, RESULT_ARGS, parse_args

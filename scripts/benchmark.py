@@ -14,8 +14,9 @@ Sections (pick with --only):
   eval     CounterFact case metrics (rewrite, paraphrase and neighbourhood prompts, both targets) with shared
            prompt prefixes vs the baseline (every prompt + target row), per case, and the largest NLL difference.
   e2e      a CounterFact run with EMMET (hparams/EMMET/smollm2-135m.json) at batch 1 and 8: per case, evaluation
-           before and after plus the edit, with both prefix caches vs neither (today's baseline); the time per
-           phase (templates, statistics, targets, keys, solve, evaluation) and the ratios.
+           before and after plus the edit: neither prefix cache (the baseline), the engine called directly
+           (distribute.apply_to_model) and the Editor (as the CLI runs it); the time per phase (templates,
+           statistics, targets, keys, solve, evaluation) and the ratios baseline/engine and Editor/engine.
   prefix   the target optimisation with the prefix cache (tokens before the subject run once) vs the
            baseline (every token every step), for EMMET's and ROME's templates at batch 1 and 16: seconds per
            edit, speed-up and the largest relative difference of the target vectors.
@@ -40,17 +41,12 @@ import torch
 
 from algs.hparams import EditHparams
 from algs.keyvals import compute_keys, compute_targets, context_templates
+from algs.requests import request_of
 from algs.pm_solver import FactorCache, PreservationFactor, solve_update
-from algs.second_moment import (
-    HUB_POOL_ARTICLES,
-    corpus_sources,
-    default_max_length,
-    key_dim,
-    layer_second_moment,
-    layer_second_moments,
-    load_articles,
-    sample_token_ids,
-)
+from algs.stats_corpus import HUB_POOL_ARTICLES, corpus_sources, load_articles, sample_token_ids
+from algs.second_moment import default_max_length, layer_second_moment, layer_second_moments
+from algs.stats_accumulate import key_dim
+from experiments.metrics import format_table
 from util.arch import get_module, module_names, num_layers, weight_as_out_in
 from util.globals import REPO_ROOT
 from util.io import read_json
@@ -151,11 +147,7 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def print_table(title: str, header: list, rows: list) -> None:
-    cells = [header] + [[c if isinstance(c, str) else f"{c:.3g}" for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    print(f"\n== {title}")
-    for row in cells:
-        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+    print(f"\n== {title}\n" + format_table(header, rows), flush=True)
 
 
 # ---------------------------------------------------------------- 1. FastMEMIT statistics
@@ -333,7 +325,7 @@ def bench_prefix(model, tok, args) -> None:
     from dsets import load_records
 
     records = load_records("cf", args.data_dir, max(args.prefix_batches))
-    requests = [{"case_id": r["case_id"], **r["requested_rewrite"]} for r in records]
+    requests = [request_of(record) for record in records]
     names = module_names(model)
     rows = []
     for objective, (length_params, flat) in PREFIX_TEMPLATES.items():
@@ -388,54 +380,71 @@ def rome_schema_records(data_dir: str, n: int) -> list:
         return list(load_records("cf", tmp, n))
 
 
+E2E_MODES = ("baseline", "engine", "Editor")  # no prefix caches; today's engine call; through algs.Editor
+
+
 def bench_e2e(model, tok, args) -> None:
-    from algs import get_algorithm
-    from algs.distribute import orig_weights, prepare_unedited, restore_weights
+    """Per case: pre and post evaluation plus the edit, EMMET on the embedded model, in three modes measured in
+    this run: the baseline (no prefix caches), the engine called directly (distribute.apply_to_model with its
+    own state, as the CLI did before the Editor) and the Editor (what the CLI runs now)."""
+    from algs import Editor, algorithm
+    from algs.distribute import EditOptions, apply_to_model, put_weights
     from experiments.metrics.counterfact import counterfact_metrics_many
 
-    hparams_class, apply = get_algorithm("EMMET")
-    hp = hparams_class.from_json(REPO_ROOT / "hparams" / "EMMET" / "smollm2-135m.json")
+    editor = Editor(model, tok, "EMMET", REPO_ROOT / "hparams" / "EMMET" / "smollm2-135m.json", seed=args.seed)
+    hp = editor.hparams
     hp.mom2_dataset = args.corpus
     with tempfile.TemporaryDirectory() as stats_dir:
+        editor.options = EditOptions(seed=args.seed, stats_dir=stats_dir)
         started = time.perf_counter()
-        prepare_unedited(model, tok, hp, args.seed, stats_dir)  # templates and C0, shared by both modes
+        editor.prepare()  # templates and C0, shared by every mode
         prepare_seconds = time.perf_counter() - started
-        saved = orig_weights(model, hp)
+        objective = functools.partial(algorithm("EMMET").objective, hp)
+
+        def edit(mode, chunk):
+            if mode == "Editor":
+                return editor.edit(chunk)["batches"][0]["phase_seconds"]
+            options = EditOptions(seed=args.seed, stats_dir=stats_dir, prefix_cache=mode == "engine")
+            report = apply_to_model(model, tok, [request_of(r) for r in chunk], hp, objective, editor.state, options)
+            editor.state.edits.clear()
+            return report["batches"][0]["phase_seconds"]
+
         rows = []
         for batch in args.e2e_batches:
             n_cases = args.e2e_cases if batch == 1 else batch
             records = rome_schema_records(args.data_dir, n_cases)
             totals = {}
-            for fast in (False, True):
+            for mode in E2E_MODES:
                 phases = {"targets": 0.0, "keys": 0.0, "solve": 0.0, "other edit": 0.0, "evaluation": 0.0}
                 for start in range(0, n_cases, batch):
                     chunk = records[start:start + batch]
                     tick = time.perf_counter()
-                    counterfact_metrics_many(model, tok, chunk, share_prefixes=fast)
+                    counterfact_metrics_many(model, tok, chunk, share_prefixes=mode != "baseline")
                     phases["evaluation"] += time.perf_counter() - tick
-                    report, tick = {}, time.perf_counter()
-                    apply(model, tok, [{"case_id": r["case_id"], **r["requested_rewrite"]} for r in chunk], hp,
-                          report=report, seed=args.seed, stats_dir=stats_dir, prefix_cache=fast)
+                    tick = time.perf_counter()
+                    edit_phases = edit(mode, chunk)
                     edit_seconds = time.perf_counter() - tick
-                    for name, seconds in report["batches"][0]["phase_seconds"].items():
+                    for name, seconds in edit_phases.items():
                         key = name if name in phases else "other edit"
                         phases[key] += seconds
                         edit_seconds -= seconds
                     phases["other edit"] += edit_seconds
                     tick = time.perf_counter()
-                    counterfact_metrics_many(model, tok, chunk, share_prefixes=fast)
+                    counterfact_metrics_many(model, tok, chunk, share_prefixes=mode != "baseline")
                     phases["evaluation"] += time.perf_counter() - tick
-                    restore_weights(model, saved)
-                totals[fast] = phases
-            for fast in (False, True):
-                phases = totals[fast]
-                edit = sum(v for k, v in phases.items() if k != "evaluation")
-                rows.append([f"batch {batch}, " + ("both prefix caches" if fast else "baseline"),
-                             *(phases[k] / n_cases for k in phases), edit / n_cases,
+                    put_weights(model, editor.state.original_weights)
+                totals[mode] = phases
+            for mode in E2E_MODES:
+                phases = totals[mode]
+                edit_total = sum(v for k, v in phases.items() if k != "evaluation")
+                rows.append([f"batch {batch}, {mode}", *(phases[k] / n_cases for k in phases), edit_total / n_cases,
                              sum(phases.values()) / n_cases])
-            base, new = (sum(totals[f].values()) for f in (False, True))
-            edit_base, edit_new = (sum(v for k, v in totals[f].items() if k != "evaluation") for f in (False, True))
-            rows.append([f"batch {batch}: speed-up", "", "", "", "", "", edit_base / edit_new, base / new])
+            edit_time = {mode: sum(v for k, v in totals[mode].items() if k != "evaluation") for mode in E2E_MODES}
+            total = {mode: sum(totals[mode].values()) for mode in E2E_MODES}
+            rows.append([f"batch {batch}: baseline / engine", "", "", "", "", "", edit_time["baseline"] /
+                         edit_time["engine"], total["baseline"] / total["engine"]])
+            rows.append([f"batch {batch}: Editor / engine", "", "", "", "", "", edit_time["Editor"] / edit_time["engine"],
+                         total["Editor"] / total["engine"]])
     print_table(f"e2e: EMMET on smollm2-135m, seconds per case (pre + post evaluation, edit); templates and C0 "
                 f"prepared once in {prepare_seconds:.1f} s (statistics cached)",
                 ["run", "targets", "keys", "solve", "other edit", "evaluation", "edit", "total"], rows)

@@ -22,13 +22,11 @@ if __name__ == "__main__":  # run as a script: import the packages beside this f
 import torch
 import torch.distributed as dist
 
-from algs.second_moment import (
-    ACCUMULATE_DTYPES,
-    DEFAULT_BATCH_TOKENS,
-    FORWARD_DTYPES,
-    check_corpus,
-    layer_second_moments,
-)
+from algs.stats_accumulate import ACCUMULATE_DTYPES, DEFAULT_BATCH_TOKENS
+
+from algs.second_moment import FORWARD_DTYPES, layer_second_moments
+
+from algs.stats_corpus import check_corpus
 from util.arch import module_names, num_layers
 from util.checks import check_device
 from util.errors import InputError, report

@@ -18,10 +18,10 @@ if __name__ == "__main__":  # run as a script: import the packages beside this f
 
 import torch
 
-from algs import ALGORITHMS, get_algorithm
-from algs.distribute import orig_weights, restore_weights, second_moments_for
+from algs import PACKAGES, Editor
+from algs.distribute import orig_weights, second_moments_for
 from dsets import load_records
-from experiments.metrics.counterfact import counterfact_case_scores, counterfact_metrics_many
+from experiments.metrics import evaluate, format_table, mean_scores
 from util.arch import module_names
 from util.globals import REPO_ROOT
 from util.models import EMBEDDED_ALIAS, load_model
@@ -41,38 +41,32 @@ def parse_args(argv=None):
 
 
 def table(title, header, rows):
-    cells = [header] + [[c if isinstance(c, str) else f"{c:.3g}" for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    print(f"\n== {title}")
-    for row in cells:
-        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+    print(f"\n== {title}\n" + format_table(header, rows))
     sys.stdout.flush()
 
 
-def mean_scores(model, tok, records) -> dict:
-    scores = [counterfact_case_scores(m) for m in counterfact_metrics_many(model, tok, records)]
-    return {name: 100 * sum(s[name] for s in scores) / len(scores) for name in ("ES", "PS", "NS")}
+def percent_scores(model, tok, records) -> dict:
+    means = mean_scores([case["scores"] for case in evaluate(model, tok, records, "cf")])
+    return {name: 100 * means[name] for name in ("ES", "PS", "NS")}
 
 
 def edit(alg, model, tok, records, stats_dir, corpus, **overrides):
-    """(seconds, scores before, scores after) of one edit of `records`; the weights are restored after."""
-    hparams_class, apply = get_algorithm(alg)
-    hp = hparams_class.from_json(REPO_ROOT / "hparams" / alg / f"{EMBEDDED_ALIAS}.json")
-    hp.mom2_dataset = corpus
+    """(seconds, scores before, scores after, weight dtype) of one edit of `records`; the weights are restored."""
+    editor = Editor(model, tok, alg, f"{EMBEDDED_ALIAS}.json", stats_dir=stats_dir)
+    editor.hparams.mom2_dataset = corpus
     for key, value in overrides.items():
-        setattr(hp, key, value)
-    before = mean_scores(model, tok, records)
-    saved = orig_weights(model, hp)
+        setattr(editor.hparams, key, value)
+    before = percent_scores(model, tok, records)
+    editor.prepare()
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
-    apply(model, tok, [{"case_id": r["case_id"], **r["requested_rewrite"]} for r in records], hp, stats_dir=stats_dir)
-    if model.device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - started
-    after = mean_scores(model, tok, records)
-    dtype = str(next(iter(orig_weights(model, hp).values())).dtype).removeprefix("torch.")
-    restore_weights(model, saved)
+    with editor.edited(records):
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        after = percent_scores(model, tok, records)
+        dtype = str(next(iter(orig_weights(model, editor.hparams).values())).dtype).removeprefix("torch.")
     return seconds, before, after, dtype
 
 
@@ -85,7 +79,7 @@ def main(argv=None):
     rows = []
     for dtype in args.dtypes:
         model, tok = load_model(EMBEDDED_ALIAS, device=args.device, dtype=dtype)
-        for alg in sorted(ALGORITHMS):
+        for alg in PACKAGES:
             seconds, before, after, weight_dtype = edit(alg, model, tok, records[:args.small_batch], stats_dir,
                                                         args.corpus, mom2_dtype=dtype)
             rows.append([dtype, alg, str(args.small_batch), seconds, before["ES"], after["ES"], weight_dtype])
@@ -93,7 +87,7 @@ def main(argv=None):
     table(f"1. edits on {args.device}", ["dtype", "alg", "edits", "seconds", "ES before", "ES after", "weights"], rows)
 
     model, tok = load_model(EMBEDDED_ALIAS, device=args.device)
-    hp = get_algorithm("MEMIT")[0].from_json(REPO_ROOT / "hparams" / "MEMIT" / f"{EMBEDDED_ALIAS}.json")
+    hp = Editor(model, tok, "MEMIT", f"{EMBEDDED_ALIAS}.json").hparams
     hp.mom2_dataset = args.corpus
     modules = [module_names(model).rewrite_module_tmp.format(layer) for layer in hp.layers]
     started = time.perf_counter()

@@ -17,19 +17,17 @@ from pathlib import Path
 if __name__ == "__main__":  # run as a script: import the packages beside this file, never another checkout's
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from algs import get_algorithm
-from algs.distribute import orig_weights, restore_weights
+from algs import Editor
 from dsets import load_records
-from experiments.metrics.counterfact import counterfact_case_metrics, counterfact_case_scores, harmonic_mean
+from experiments.metrics import evaluate, mean_scores
 from util import globals as G
 from util.models import load_model
 
 
-def evaluate(model, tok, records):
-    scores = [counterfact_case_scores(counterfact_case_metrics(model, tok, r)) for r in records]
-    means = {m: 100 * sum(s[m] for s in scores) / len(scores) for m in ("ES", "PS", "NS")}
-    means["S"] = harmonic_mean([means["ES"], means["PS"], means["NS"]])
-    return means
+def percent_scores(model, tok, records) -> dict:
+    """ES / PS / NS / S over the records, in %."""
+    means = mean_scores([case["scores"] for case in evaluate(model, tok, records, "cf")])
+    return {name: 100 * means[name] for name in ("ES", "PS", "NS", "S")}
 
 
 def main(argv=None):
@@ -54,8 +52,6 @@ def main(argv=None):
 
     model, tok = load_model(args.model_name)
     records = list(load_records("cf", args.data_dir, args.n_cases))
-    requests = [{"case_id": r["case_id"], **r["requested_rewrite"]} for r in records]
-    hparams_class, apply = get_algorithm(args.alg)
     base = json.load(open(args.hparams))
     if args.stats_corpus:
         base["mom2_dataset"] = args.stats_corpus
@@ -63,19 +59,17 @@ def main(argv=None):
     print(f"target cache: {cache_dir}")
 
     print(f"{len(records)} cases from {load_records('cf', args.data_dir, 1).source.get('paths')}")
-    print(json.dumps({"config": "unedited", **{k: round(v, 1) for k, v in evaluate(model, tok, records).items()}}))
+    print(json.dumps({"config": "unedited", **{k: round(v, 1) for k, v in percent_scores(model, tok, records).items()}}))
     for spec in args.layers:
         first, _, last = spec.partition("-")
         layers = list(range(int(first), int(last or first) + 1))
         for lam in args.lambdas or [base.get("mom2_update_weight", 1.0)]:
-            hp = hparams_class.from_dict({**base, "layers": layers, "mom2_update_weight": lam}, "sweep")
-            saved = orig_weights(model, hp)
+            editor = Editor(model, tok, args.alg, {**base, "layers": layers, "mom2_update_weight": lam},
+                            seed=args.seed, stats_dir=args.stats_dir or G.stats_dir(), target_cache_dir=cache_dir)
             started = time.time()
-            apply(model, tok, requests, hp, seed=args.seed, stats_dir=args.stats_dir or G.stats_dir(),
-                  target_cache_dir=cache_dir)
-            seconds = time.time() - started
-            result = evaluate(model, tok, records)
-            restore_weights(model, saved)
+            with editor.edited(records):
+                seconds = time.time() - started
+                result = percent_scores(model, tok, records)
             print(json.dumps({"alg": args.alg, "layers": spec, "lambda": lam, "seconds": round(seconds, 1),
                               **{k: round(v, 1) for k, v in result.items()}}), flush=True)
 

@@ -1,14 +1,17 @@
-"""Shared fixtures: tiny random models of each supported architecture, tokenizers, ../shared data; and a hook
-that fails a test when our own code triggers a FutureWarning or DeprecationWarning."""
+"""Shared fixtures: tiny random models of each supported architecture, tokenizers, ../shared data, the tiny CLI
+workspace, a made-up-word corpus and stats cache, one-thread torch; and a hook that fails a test when our own
+code triggers a FutureWarning or DeprecationWarning."""
+import json
 import os
+import random
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers import GPT2Config, GPTJConfig, GPTNeoXConfig, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPTJConfig, GPTNeoXConfig, LlamaConfig
 
 from util.models import EMBEDDED_ALIAS, embedded_model_dir, load_model, prepare_tokenizer
 
@@ -100,3 +103,52 @@ def make_tiny_model(arch: str, tok, seed: int = 0, **sizes):
 def smollm():
     """The real embedded SmolLM2-135M (float32, CPU): (model, tokenizer)."""
     return load_model(EMBEDDED_ALIAS)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices gain nothing from threads, and on a busy 2-core machine thread contention makes each
+    small op ~100x slower; the previous setting is restored afterwards. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, embedded_tokenizer):
+    """The CLI workspace (tests/cli_workspace.py): a tiny saved GPT-2, a CounterFact data dir, a local corpus,
+    hparams and a shared stats cache."""
+    from tests.cli_workspace import D_MLP, FACTS, N_LAYER, make_record, write_hparams
+
+    root = tmp_path_factory.mktemp("cli")
+    model_dir = root / "tiny-gpt2"
+    make_tiny_model("gpt2", embedded_tokenizer, n_layer=N_LAYER, d_mlp=D_MLP).save_pretrained(model_dir)
+    embedded_tokenizer.save_pretrained(model_dir)
+    data_dir = root / "data"
+    data_dir.mkdir()
+    records = [make_record(10 + i, *fact) for i, fact in enumerate(FACTS)]
+    (data_dir / "counterfact.json").write_text(json.dumps(records))
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Paragraph {i}: the river flows past the old mill, and the town's people "
+                                   f"meet there every morning to trade bread, fish and news." for i in range(20)))
+    return SimpleNamespace(root=root, model_dir=model_dir, data_dir=data_dir, records=records, corpus=corpus,
+                           hparams=write_hparams(root / "emmet.json", corpus), stats_dir=root / "stats")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Seeded text of made-up words: many distinct tokens, so C0 of a 64-wide key has full rank."""
+    rng = random.Random(0)
+    syllables = ["ka", "lo", "mi", "ter", "sun", "vo", "pra", "el", "dro", "qui", "ba", "zen", "or", "fi", "nu"]
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(400)]
+    paragraphs = [" ".join(rng.choice(words) for _ in range(rng.randint(30, 90))) + "." for _ in range(60)]
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n\n".join(paragraphs))
+    return path
+
+
+@pytest.fixture(scope="module")
+def stats_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("stats")

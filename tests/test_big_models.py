@@ -8,11 +8,14 @@ from transformers import AutoModelForCausalLM
 
 from algs import Editor, get_algorithm
 from experiments import evaluate_unified_editing as cli
-from tests.test_cli import argv_for, one_thread, ws  # noqa: F401
-from tests.test_engine import EDIT_REQUESTS, preference_margin, editable_model
+from tests.cli_workspace import argv_for
+from tests.test_engine import EDIT_REQUESTS, editable_model, preference_margin
 from util.errors import InputError
-from util.models import load_model, parse_device_map
 from util.io import read_json
+from util.models import load_model, parse_device_map
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 N_LAYER = 4
 
@@ -32,7 +35,7 @@ def corpus(tmp_path_factory):
     return path
 
 
-def hparams(alg, corpus, **overrides):  # noqa: F811
+def hparams(alg, corpus, **overrides):
     data = {"layers": [1], "v_num_grad_steps": 8, "v_lr": 0.5, "v_loss_layer": N_LAYER - 1, "v_weight_decay": 1e-3,
             "clamp_norm_factor": 100.0 if alg == "ROME" else 10.0, "kl_factor": 0.0625,
             "context_template_length_params": [[3, 2]], "mom2_dataset": str(corpus), "dynamic": True,
@@ -47,7 +50,7 @@ def layer_map(offloaded: int) -> dict:
 
 
 @pytest.mark.parametrize("alg", ["EMMET", "MEMIT"])
-def test_dispatched_model_with_disk_offload_edits_like_the_plain_model(alg, saved_llama, corpus, tmp_path):  # noqa: F811
+def test_dispatched_model_with_disk_offload_edits_like_the_plain_model(alg, saved_llama, corpus, tmp_path):
     plain, tok = load_model(str(saved_llama))
     dispatched, _ = load_model(str(saved_llama), device_map=layer_map(offloaded=3), offload_folder=str(tmp_path))
     assert dispatched.model.layers[3].mlp.down_proj.weight.device.type == "meta"  # really offloaded
@@ -62,7 +65,7 @@ def test_dispatched_model_with_disk_offload_edits_like_the_plain_model(alg, save
     assert all(preference_margin(dispatched, tok, r) < -1.0 for r in EDIT_REQUESTS)
 
 
-def test_offloaded_edited_layer_is_one_clear_error(saved_llama, corpus, tmp_path):  # noqa: F811
+def test_offloaded_edited_layer_is_one_clear_error(saved_llama, corpus, tmp_path):
     model, tok = load_model(str(saved_llama), device_map=layer_map(offloaded=1), offload_folder=str(tmp_path))
     _, apply = get_algorithm("EMMET")
     with pytest.raises(InputError, match=r"edited layers \[1\] are offloaded"):
@@ -79,7 +82,7 @@ def test_device_map_spec_forms(tmp_path):
             parse_device_map(bad)
 
 
-def test_cli_device_map_runs_and_refuses_an_offloaded_edit(ws, tmp_path, capsys):  # noqa: F811
+def test_cli_device_map_runs_and_refuses_an_offloaded_edit(ws, tmp_path, capsys):
     gpt2_map = {"transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.ln_f": "cpu", "lm_head": "cpu",
                 **{f"transformer.h.{i}": "disk" if i == 3 else "cpu" for i in range(N_LAYER)}}
     base = ("--dataset_size_limit=2", "--skip_generation_tests")
@@ -94,7 +97,7 @@ def test_cli_device_map_runs_and_refuses_an_offloaded_edit(ws, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("alg", ["ROME", "MEMIT", "EMMET", "ENCORE", "AlphaEdit"])
-def test_bfloat16_model_on_cpu_edits_with_each_algorithm(alg, saved_llama, corpus, tmp_path):  # noqa: F811
+def test_bfloat16_model_on_cpu_edits_with_each_algorithm(alg, saved_llama, corpus, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(saved_llama, dtype=torch.bfloat16).eval()
     tok = load_model(str(saved_llama))[1]
     before = [preference_margin(model, tok, r) for r in EDIT_REQUESTS]

@@ -7,13 +7,11 @@ Two things make edits measurable on a random model, and both are set up here, no
   (random attention carries almost nothing from earlier tokens).
 """
 import copy
-import random
 
 import pytest
 import torch
 
-from algs import get_algorithm, keyvals
-from algs import Editor
+from algs import Editor, get_algorithm, keyvals
 from algs.distribute import second_moments_for
 from algs.pm_solver import PreservationFactor, objective_params, solve_update
 from tests.conftest import make_tiny_model
@@ -43,23 +41,6 @@ KEY_REQUESTS = [  # subject at the start, middle and end of the prompt
 
 def relative_error(a, b) -> float:
     return (torch.linalg.norm(a - b) / torch.linalg.norm(b)).item()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """Seeded text of made-up words: many distinct tokens, so C0 of a 64-wide key has full rank."""
-    rng = random.Random(0)
-    syllables = ["ka", "lo", "mi", "ter", "sun", "vo", "pra", "el", "dro", "qui", "ba", "zen", "or", "fi", "nu"]
-    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(400)]
-    paragraphs = [" ".join(rng.choice(words) for _ in range(rng.randint(30, 90))) + "." for _ in range(60)]
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n\n".join(paragraphs))
-    return path
-
-
-@pytest.fixture(scope="module")
-def stats_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("stats")
 
 
 @pytest.fixture(scope="module")

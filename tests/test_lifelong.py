@@ -8,16 +8,27 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from algs.editor import weight_norms
 from experiments import evaluate_unified_editing as cli
 from experiments import summarize
-from experiments.metrics.counterfact import counterfact_case_metrics, counterfact_case_scores
-from tests.test_cli import (NUM_EDITS, N_CASES, REWRITE_MODULE, argv_for, nlls, one_thread, read_cases,  # noqa: F401
-                            run_capturing_model, run_and_kill, ws)
-from util.models import load_model
-from experiments.run_store import WEIGHT_NORMS_FILE, read_jsonl
-from algs.editor import weight_norms
 from experiments.metrics import Evaluation
+from experiments.metrics.counterfact import counterfact_case_metrics, counterfact_case_scores
+from experiments.run_store import WEIGHT_NORMS_FILE, read_jsonl
+from tests.cli_workspace import (
+    N_CASES,
+    NUM_EDITS,
+    REWRITE_MODULE,
+    argv_for,
+    nlls,
+    read_cases,
+    run_and_kill,
+    run_capturing_model,
+)
 from util.io import read_json
+from util.models import load_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 HEALTH = ("--do_downstream_eval", "--downstream_eval_steps=4", "--downstream_tasks=sst2,mmlu",
           "--number_of_few_shots=1", "--number_of_tests=3")
@@ -234,6 +245,7 @@ def test_cli_reads_published_statistics_and_records_their_provenance(ws, tmp_pat
     import hashlib
 
     import numpy as np
+
     from tests.test_statistics_scale import write_reference_npz
 
     g = np.random.default_rng(0)

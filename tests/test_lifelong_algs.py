@@ -6,20 +6,21 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from algs import get_algorithm, keyvals
-from algs import Editor
+from algs import Editor, get_algorithm, keyvals
 from algs.distribute import second_moments_for
+from algs.editor import STATE_PREFIX
 from algs.hparams import HparamsError
 from algs.pm_solver import PreservationFactor, null_space_basis, solve_update
 from experiments import evaluate_unified_editing as cli
-from tests.test_cli import argv_for, one_thread, read_cases, run_and_kill, write_hparams, ws  # noqa: F401
-from tests.test_engine import (EDIT_REQUESTS, EDIT_LAYER, N_LAYER, TEMPLATE_LENGTHS, corpus,  # noqa: F401
-                               editable_model, preference_margin, stats_dir)
+from experiments.run_store import CHECKPOINT_FILE
+from tests.cli_workspace import argv_for, read_cases, run_and_kill, write_hparams
+from tests.test_engine import EDIT_LAYER, EDIT_REQUESTS, N_LAYER, TEMPLATE_LENGTHS, editable_model, preference_margin
 from tests.test_pm_solver import D_K, F64, close, make_batch, make_c0, memit_direct
 from util.arch import get_module, module_names, weight_as_out_in
-from experiments.run_store import CHECKPOINT_FILE
-from algs.editor import STATE_PREFIX
 from util.io import read_json
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 LAMBDA, L2 = 100.0, 10.0
 
@@ -113,7 +114,7 @@ def test_mpes_stop_rules():
     assert keyvals._mpes_stop(0.0, streak, row_nll, 4, 2).tolist() == [False] * 4
 
 
-def engine_hparams(alg, corpus, **overrides):  # noqa: F811
+def engine_hparams(alg, corpus, **overrides):
     hparams_class, _ = get_algorithm(alg)
     data = {"layers": [EDIT_LAYER], "v_num_grad_steps": 12, "v_lr": 0.5, "v_loss_layer": N_LAYER - 1,
             "v_weight_decay": 1e-3, "clamp_norm_factor": 10.0, "kl_factor": 0.0625,
@@ -122,7 +123,7 @@ def engine_hparams(alg, corpus, **overrides):  # noqa: F811
     return hparams_class.from_dict({**data, **overrides})
 
 
-def test_mpes_stops_when_every_target_is_the_argmax_k_steps_in_a_row(embedded_tokenizer, corpus):  # noqa: F811
+def test_mpes_stops_when_every_target_is_the_argmax_k_steps_in_a_row(embedded_tokenizer, corpus):
     tok = embedded_tokenizer
     model = editable_model("gpt2", tok)
     block = module_names(model).layer_module_tmp.format(EDIT_LAYER)
@@ -145,7 +146,7 @@ def test_mpes_stops_when_every_target_is_the_argmax_k_steps_in_a_row(embedded_to
                                                   "update_norm_lambda": 0.0}),
                                      ("AlphaEdit", {"add_prev_edits": False, "nullspace_threshold": 0.0,
                                                     "L2": 0.0})])
-def test_new_algorithms_with_switches_off_equal_memit(alg, off, embedded_tokenizer, corpus, stats_dir):  # noqa: F811
+def test_new_algorithms_with_switches_off_equal_memit(alg, off, embedded_tokenizer, corpus, stats_dir):
     tok = embedded_tokenizer
     model = editable_model("llama", tok)
     deltas = {}
@@ -157,7 +158,7 @@ def test_new_algorithms_with_switches_off_equal_memit(alg, off, embedded_tokeniz
     assert close(deltas[alg], deltas["MEMIT"], 1e-10)
 
 
-def test_encore_and_alphaedit_write_facts_and_keep_state_sequentially(embedded_tokenizer, corpus, stats_dir,  # noqa: F811
+def test_encore_and_alphaedit_write_facts_and_keep_state_sequentially(embedded_tokenizer, corpus, stats_dir,
                                                                      tmp_path):
     tok = embedded_tokenizer
     for alg in ("ENCORE", "AlphaEdit"):
@@ -182,7 +183,7 @@ def test_encore_and_alphaedit_write_facts_and_keep_state_sequentially(embedded_t
         assert torch.equal(editor.state.prev_keys_cov[module], state[module]) and len(editor.edits) == 1
 
 
-def test_alphaedit_edit_leaves_kept_space_keys_alone(embedded_tokenizer, corpus, stats_dir):  # noqa: F811
+def test_alphaedit_edit_leaves_kept_space_keys_alone(embedded_tokenizer, corpus, stats_dir):
     """On a real (tiny) model: the written Δ maps C0's kept eigenvectors to ~0."""
     tok = embedded_tokenizer
     model = editable_model("llama", tok)
@@ -248,7 +249,7 @@ def test_shipped_hparams_files_load():
 
 # ---------------------------------------------------------------- sequential state through the CLI
 
-def encore_hparams_file(ws, path):  # noqa: F811
+def encore_hparams_file(ws, path):
     return write_hparams(path, ws.corpus, emmet_lambda=None, add_prev_edits=True, prob_cutoff=-2,
                          update_norm_lambda=1.0)
 
@@ -258,7 +259,7 @@ def checkpoint_tensors(run_dir):
         return {name: f.get_tensor(name) for name in f.keys()}
 
 
-def test_killed_sequential_encore_run_resumes_bit_exactly(ws, tmp_path):  # noqa: F811
+def test_killed_sequential_encore_run_resumes_bit_exactly(ws, tmp_path):
     hparams = encore_hparams_file(ws, tmp_path / "encore.json")
     extra = ("--sequential", "--skip_generation_tests")
     assert cli.main(argv_for(ws, tmp_path / "straight", *extra, hparams=hparams, alg="ENCORE")) == 0
@@ -283,7 +284,7 @@ def test_killed_sequential_encore_run_resumes_bit_exactly(ws, tmp_path):  # noqa
         assert cases[case_id]["edit"]["target_optimisation"]["updates"] == case["edit"]["target_optimisation"]["updates"]
 
 
-def test_batched_mode_starts_every_batch_from_empty_state(ws, tmp_path):  # noqa: F811
+def test_batched_mode_starts_every_batch_from_empty_state(ws, tmp_path):
     hparams = encore_hparams_file(ws, tmp_path / "encore.json")
     assert cli.main(argv_for(ws, tmp_path / "batched", "--skip_generation_tests", hparams=hparams,
                              alg="ENCORE")) == 0

@@ -4,9 +4,11 @@ import pytest
 import torch
 
 from algs import get_algorithm, keyvals
-from tests.test_cli import one_thread  # noqa: F401
-from tests.test_engine import EDIT_REQUESTS, EDIT_LAYER, N_LAYER, TEMPLATE_LENGTHS, editable_model
+from tests.test_engine import EDIT_LAYER, EDIT_REQUESTS, N_LAYER, TEMPLATE_LENGTHS, editable_model
 from util.arch import module_names
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 REQUESTS = EDIT_REQUESTS + [
     {"prompt": "{} is located in", "subject": "Paris", "target_new": {"str": "Rome"}},  # subject at token 0

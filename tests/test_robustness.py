@@ -18,24 +18,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from algs import get_algorithm
 from algs.hparams import HparamsError
 from experiments import evaluate_unified_editing as cli
-from experiments import summarize
+from experiments import run_store, summarize
 from experiments.metrics.counterfact import score_targets
-from util.tokens import length_batches
+from experiments.run_store import CHECKPOINT_FILE, PARAMS_FILE, RunStore
+from tests.cli_workspace import N_LAYER, NUM_EDITS, argv_for, read_cases, wait_for, write_hparams
 from tests.conftest import make_tiny_model
-from tests.test_cli import (N_LAYER, NUM_EDITS, argv_for, one_thread, read_cases, wait_for,  # noqa: F401
-                            write_hparams, ws)
 from tests.test_summarize import make_run
 from util import io, tokens
 from util.errors import InputError
 from util.globals import REPO_ROOT
-from experiments import run_store
-from experiments.run_store import CHECKPOINT_FILE, PARAMS_FILE, RunStore
 from util.io import read_json
-from safetensors import safe_open
+from util.tokens import length_batches
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 PREFIX = "evaluate_unified_editing: error: "
 TWO_CASES = ("--dataset_size_limit=2", "--skip_generation_tests")
@@ -258,17 +259,34 @@ def test_resume_after_the_dataset_changed_is_refused(ws, tmp_path, capsys, monke
     assert (run_dir / "params.json").read_bytes() == before
 
 
+# Runs the CLI with its second batch's edit held until the test's SIGINT arrives: the signal lands at a point the
+# run surely reaches (batch 0's files written, batch 1 being edited), however fast the machine is.
+PAUSED_CLI = """
+import sys, time
+from pathlib import Path
+from experiments import evaluate_unified_editing as cli
+ready, edit_batch = Path(sys.argv[1]), cli.edit_batch
+def held(run, requests):
+    if run.store.batch_is_complete(0, [r["case_id"] for r in run.records[:len(requests)]]):
+        ready.write_text("batch 1")
+        time.sleep(300)  # SIGINT raises KeyboardInterrupt here
+    return edit_batch(run, requests)
+cli.edit_batch = held
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
 def test_ctrl_c_stops_between_writes_and_the_run_resumes(ws, tmp_path):
     results = tmp_path / "results"
     argv = argv_for(ws, results, "--dataset_size_limit=4", "--skip_generation_tests")
     run_dir = results / "EMMET" / "run_000"
-    log_path = tmp_path / "interrupted.log"
+    log_path, ready = tmp_path / "interrupted.log", tmp_path / "ready"
     with open(log_path, "w") as log_file:
-        process = subprocess.Popen([sys.executable, str(REPO_ROOT / "experiments" / "evaluate_unified_editing.py"),
-                                    *argv], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=log_file,
+        process = subprocess.Popen([sys.executable, "-c", PAUSED_CLI, str(ready), *argv], cwd=REPO_ROOT,
+                                   stdout=subprocess.DEVNULL, stderr=log_file,
                                    env={**os.environ, "KE_NO_DOWNLOAD": "1", "OMP_NUM_THREADS": "1"})
         try:
-            wait_for([run_dir / f"case_{ws.records[0]['case_id']}.json"], process, log_path)
+            wait_for([ready], process, log_path)
             process.send_signal(signal.SIGINT)
             status = process.wait(timeout=120)
         finally:
@@ -281,7 +299,7 @@ def test_ctrl_c_stops_between_writes_and_the_run_resumes(ws, tmp_path):
                       f"same command with --continue_from_run run_000"] and "Traceback" not in err
     params = read_json(run_dir / "params.json")
     assert params["status"] == "interrupted" and params["error"] == "interrupted (Ctrl-C)"
-    assert len(list(run_dir.glob("case_*.json"))) % NUM_EDITS == 0  # whole batches only
+    assert len(list(run_dir.glob("case_*.json"))) == NUM_EDITS  # batch 0 whole, batch 1 not begun on disk
     (run_dir / ".tmpAbC123").write_bytes(b"\0" * 64)  # what a killed safetensors save_file used to leave
     assert cli.main(argv + ["--continue_from_run=run_000"]) == 0
     assert sorted(read_cases(run_dir)) == [r["case_id"] for r in ws.records[:4]]

@@ -10,7 +10,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from algs.second_moment import layer_second_moment, sample_token_ids, split_articles, write_cache
+from algs.second_moment import layer_second_moment
+
+from algs.stats_corpus import sample_token_ids, split_articles
+
+from algs.stats_cache import write_cache
 from tests.conftest import make_tiny_model, shared_path
 
 D_MLP = 64

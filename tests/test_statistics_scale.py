@@ -16,15 +16,10 @@ from safetensors import safe_open
 
 from algs import get_algorithm
 from algs.distribute import EditOptions, layer_moments
+from algs.second_moment import layer_second_moment, layer_second_moments
 from algs.state import EditState
-from algs.second_moment import (
-    DEFAULT_BATCH_TOKENS,
-    _batches,
-    layer_second_moment,
-    layer_second_moments,
-    sample_token_ids,
-    split_articles,
-)
+from algs.stats_accumulate import DEFAULT_BATCH_TOKENS, _batches
+from algs.stats_corpus import sample_token_ids, split_articles
 from tests.conftest import make_tiny_model
 from tests.test_second_moment import (
     D_MLP,
@@ -33,7 +28,6 @@ from tests.test_second_moment import (
     rel_err,
     wikitext_corpus,
 )
-from util.arch import module_names
 from util.errors import InputError
 from util.tracing import run_until, trace_modules
 
@@ -140,12 +134,12 @@ def test_distribute_asks_for_every_edited_layer_at_once(model, embedded_tokenize
     layer_second_moment(model, tok, LLAMA.format(0), **options(tmp_path / "one", corpus_file, model_id="x",
                                                                batch_tokens=DEFAULT_BATCH_TOKENS))
     calls = count_forwards(model)
-    state, options = EditState(), EditOptions(stats_dir=tmp_path / "stats")
-    moments = layer_moments(model, tok, hp, state, options)
+    state, edit_options = EditState(), EditOptions(stats_dir=tmp_path / "stats")
+    moments = layer_moments(model, tok, hp, state, edit_options)
     assert sorted(moments) == [0, 1, 2] and all(m.cache == "miss" and m.n_tokens == 3 * D_MLP
                                                 for m in moments.values())
     assert len(calls) == len(single_calls) // 2  # one pass (the single-layer call above made the other half)
-    assert layer_moments(model, tok, hp, state, options) == moments  # in memory
+    assert layer_moments(model, tok, hp, state, edit_options) == moments  # in memory
 
 
 def test_float32_products_are_keyed_apart_and_close(model, embedded_tokenizer, corpus_file, tmp_path):
