@@ -10,6 +10,7 @@ import torch
 
 from experiments.metrics import downstream as ds
 from tests.conftest import make_tiny_model, shared_path
+from util.errors import InputError
 from util.tokens import prompt_token_ids, target_token_ids
 
 # ----------------------------------------------------------------------------------------------------
@@ -317,12 +318,20 @@ def test_subset_too_small_and_bad_requests():
 
 
 def test_bad_requests_fail_before_reading(tmp_path):
-    with pytest.raises(ValueError, match="valid tasks: sst2, mrpc, cola, rte, nli, mmlu"):
+    """The project's one error type, one line naming the flag and the fix."""
+    with pytest.raises(InputError, match=r"'qnli'\] in --downstream_tasks: valid tasks: sst2, mrpc, cola, rte, nli, mmlu"):
         ds.load_downstream_tasks([tmp_path], ["sst2", "qnli"], [4, 4], 10)
-    with pytest.raises(ValueError, match="few-shot"):
+    with pytest.raises(InputError, match="2 downstream tasks but 1 few-shot counts in --number_of_few_shots"):
         ds.load_downstream_tasks([tmp_path], ["sst2", "mrpc"], [4], 10)
-    with pytest.raises(ValueError, match="number of tests"):
+    with pytest.raises(InputError, match="number of tests is 0 in --number_of_tests"):
         ds.load_downstream_tasks([tmp_path], ["sst2"], [4], 0)
+    bad = tmp_path / "downstream"
+    (bad / "sst2").mkdir(parents=True)
+    (bad / "sst2" / "dev.tsv").write_text("review\tscore\nfine\t1\n")
+    (bad / ds.SUBSETS_FILE).parent.mkdir(parents=True, exist_ok=True)
+    (bad / ds.SUBSETS_FILE).write_text(json.dumps({ds.SUBSET_KEYS["sst2"]: {"target_rows_in_pickle_order": [0, 0]}}))
+    with pytest.raises(InputError, match=r"unexpected header \['review', 'score'\] in .*sst2/dev.tsv"):
+        ds.load_downstream_tasks([tmp_path], ["sst2"], [1], 1)
 
 
 def test_missing_file_names_task_and_paths(tmp_path):

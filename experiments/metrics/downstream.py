@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from util.errors import InputError
 from util.tokens import pad_batch, prompt_token_ids, target_token_ids
 from util.prefix_cache import PrefixCache
 from util.tracing import accepts_forward_argument
@@ -73,20 +74,18 @@ TASK_TEMPLATES = {
 }
 
 WIKITEXT_FILES = ("wikitext-2-raw/wiki.test.raw", "wikitext-2/test.txt")
+DATA_FIX = "use the files of ../shared/data/downstream (checked by its verify.py)"
 
 
-class DownstreamDataMissing(FileNotFoundError):
+class DownstreamDataMissing(InputError, FileNotFoundError):
     """A downstream data file is in none of the data dirs; the message says where we looked and how to fix it."""
 
     def __init__(self, task: str, paths_looked_in):
         self.task = task
         self.paths_looked_in = [str(p) for p in paths_looked_in]
-        looked = "\n".join(f"  {p}" for p in self.paths_looked_in)
-        super().__init__(
-            f"downstream data for task {task!r} not found; looked in:\n{looked}\n"
-            f"Fix: put the `downstream/` folder (layout of ../shared/data/downstream) in the data dir, "
-            f"or pass --data_dir / set KE_DATA_DIR to a directory that contains it."
-        )
+        super().__init__(f"downstream data for task {task!r} not found", f"{', '.join(self.paths_looked_in)}",
+                         "put the `downstream/` folder (layout of ../shared/data/downstream) in the data dir, "
+                         "or pass --data_dir / set KE_DATA_DIR to a directory that contains it")
 
 
 @dataclass
@@ -110,16 +109,19 @@ def _validate_request(tasks, few_shots, n_tests):
     tasks, few_shots = list(tasks), list(few_shots)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
-        raise ValueError(f"unknown downstream task(s) {unknown}; valid tasks: {', '.join(TASKS)}")
+        raise InputError(f"unknown downstream task(s) {unknown}", "--downstream_tasks",
+                         f"valid tasks: {', '.join(TASKS)}")
     if len(set(tasks)) != len(tasks):
-        raise ValueError(f"downstream tasks listed twice: {tasks}")
+        raise InputError(f"downstream tasks listed twice: {tasks}", "--downstream_tasks", "name each task once")
     if len(tasks) != len(few_shots):
-        raise ValueError(f"{len(tasks)} downstream tasks but {len(few_shots)} few-shot counts; give one k per task")
+        raise InputError(f"{len(tasks)} downstream tasks but {len(few_shots)} few-shot counts", "--number_of_few_shots",
+                         "give one k for all tasks or one per task")
     for task, k in zip(tasks, few_shots):
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ValueError(f"few-shot count for {task!r} must be an integer >= 0, got {k!r}")
+            raise InputError(f"few-shot count for {task!r} is {k!r}", "--number_of_few_shots",
+                             "give integers >= 0")
     if isinstance(n_tests, bool) or not isinstance(n_tests, int) or n_tests < 1:
-        raise ValueError(f"number of tests must be an integer >= 1, got {n_tests!r}")
+        raise InputError(f"number of tests is {n_tests!r}", "--number_of_tests", "give an integer >= 1")
     return tasks, few_shots
 
 
@@ -134,7 +136,7 @@ def _find_task_dir(data_dirs, task) -> Path:
             return root
         looked += missing
     if not looked:
-        raise ValueError("no data directories given to look for downstream data in")
+        raise InputError("no data directories given", "load_downstream_tasks", "give the data dirs to look in")
     raise DownstreamDataMissing(task, looked)
 
 
@@ -154,7 +156,7 @@ def _sst2_rows(root: Path) -> list:
     rows = _read_tsv(root / "sst2/dev.tsv")
     header, data = rows[0], rows[1:]
     if header[:2] not in (["text", "label"], ["sentence", "label"]):
-        raise ValueError(f"{root / 'sst2/dev.tsv'}: unexpected header {header}")
+        raise InputError(f"unexpected header {header}", str(root / "sst2/dev.tsv"), DATA_FIX)
     return [(SST2_TEMPLATE.format(text=r[0].strip()), int(r[1])) for r in data]
 
 
@@ -163,11 +165,11 @@ def _mrpc_rows(root: Path) -> list:
     rows = _read_tsv(root / "mrpc/dev.tsv", encoding="utf-8-sig")
     header, data = rows[0], rows[1:]
     if header[0] != "Quality" or len(header) != 5:
-        raise ValueError(f"{root / 'mrpc/dev.tsv'}: unexpected header {header}")
+        raise InputError(f"unexpected header {header}", str(root / "mrpc/dev.tsv"), DATA_FIX)
     out = []
     for r in data:
         if len(r) != 5:
-            raise ValueError(f"{root / 'mrpc/dev.tsv'}: row with {len(r)} fields instead of 5: {r}")
+            raise InputError(f"a row with {len(r)} fields instead of 5: {r}", str(root / "mrpc/dev.tsv"), DATA_FIX)
         out.append((MRPC_TEMPLATE.format(sentence1=r[3].strip(), sentence2=r[4].strip()), int(r[0])))
     return out
 
@@ -178,7 +180,7 @@ def _cola_rows(root: Path) -> list:
     for rel in TASK_FILES["cola"]:
         for r in _read_tsv(root / rel):
             if len(r) != 4:
-                raise ValueError(f"{root / rel}: row with {len(r)} fields instead of 4: {r}")
+                raise InputError(f"a row with {len(r)} fields instead of 4: {r}", str(root / rel), DATA_FIX)
             out.append((COLA_TEMPLATE.format(sentence=r[3].strip()), int(r[1])))
     return out
 
@@ -206,7 +208,7 @@ def _mmlu_rows(root: Path) -> list:
             record = json.loads(line)
             letter = record["output"].strip()
             if letter not in TASK_LABELS["mmlu"]:
-                raise ValueError(f"{path}: answer {letter!r} is not one of A-D")
+                raise InputError(f"answer {letter!r} is not one of A-D", str(path), DATA_FIX)
             out.append((_mmlu_question(record["input"]), TASK_LABELS["mmlu"].index(letter)))
     return out
 
@@ -246,18 +248,20 @@ def load_downstream_tasks(data_dirs: list, tasks: list, few_shots: list, n_tests
             subsets = json.load(f)
         key = SUBSET_KEYS[task]
         if key not in subsets:
-            raise ValueError(f"{root / SUBSETS_FILE} has no subset {key!r} for task {task!r}")
+            raise InputError(f"no subset {key!r} for task {task!r}", str(root / SUBSETS_FILE), DATA_FIX)
         order = subsets[key]["target_rows_in_pickle_order"]
         if k + n_tests > len(order):
-            raise ValueError(f"task {task!r}: {k} few-shot + {n_tests} tests = {k + n_tests} rows, "
-                             f"but its subset has only {len(order)}")
+            raise InputError(f"task {task!r}: {k} few-shot + {n_tests} tests = {k + n_tests} rows, but its subset has "
+                             f"only {len(order)}", "--number_of_few_shots / --number_of_tests",
+                             f"ask for at most {len(order)} rows in all")
         rows = _task_rows(task, root)
         if max(order[:k + n_tests]) >= len(rows):
-            raise ValueError(f"task {task!r}: subset row {max(order[:k + n_tests])} is past the end of its "
-                             f"source ({len(rows)} rows)")
+            raise InputError(f"task {task!r}: subset row {max(order[:k + n_tests])} is past the end of its source "
+                             f"({len(rows)} rows)", str(root), DATA_FIX)
         for prompt, gold in rows:
             if not 0 <= gold < len(TASK_LABELS[task]):
-                raise ValueError(f"task {task!r}: gold label {gold} out of range for labels {TASK_LABELS[task]}")
+                raise InputError(f"task {task!r}: gold label {gold} out of range for labels {TASK_LABELS[task]}",
+                                 str(root), DATA_FIX)
         few = [rows[i] for i in order[:k]]
         items = [rows[i] for i in order[k:k + n_tests]]
         loaded.append(DownstreamTask(
@@ -459,7 +463,8 @@ def load_perplexity_chunks(data_dirs, tok, n_chunks: int = 16, chunk_tokens: int
             break
         limit *= 2
     if len(ids) < needed:
-        raise ValueError(f"{path} has {len(ids)} tokens, fewer than {n_chunks} x {chunk_tokens}")
+        raise InputError(f"{len(ids)} tokens, fewer than {n_chunks} x {chunk_tokens}", str(path),
+                         "give the whole WikiText-2 test file")
     chunks = [ids[i * chunk_tokens:(i + 1) * chunk_tokens] for i in range(n_chunks)]
     return chunks, {"file": str(path), "n_chunks": n_chunks, "chunk_tokens": chunk_tokens}
 
