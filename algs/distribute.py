@@ -87,9 +87,11 @@ def _key_dim(model, rewrite_module: str) -> int:
 
 
 def _moment_key(hp, rewrite_module, options: EditOptions) -> tuple:
-    return (rewrite_module, hp.mom2_adjustment, hp.mom2_dataset, hp.dynamic, hp.dynamic_multiplier,
-            hp.mom2_n_samples, hp.mom2_dtype, hp.mom2_max_length, str(options.stats_dir),
-            str(options.published_stats_dir))
+    """What determines a matrix's C0: the same statistics recipe gives the same key (a multiplier without
+    `dynamic`, or an article count with it, changes nothing)."""
+    sample = ("tokens", hp.dynamic_multiplier) if hp.dynamic else ("articles", hp.mom2_n_samples)
+    return (rewrite_module, hp.mom2_adjustment, hp.mom2_dataset, sample, hp.mom2_dtype, hp.mom2_max_length,
+            str(options.stats_dir), str(options.published_stats_dir))
 
 
 def _null_space(state: EditState, rewrite_module: str, moment, threshold: float):

@@ -148,8 +148,9 @@ class Editor:
         write_tensors_atomic(path, tensors, {**(metadata or {}), EDITS_KEY: json.dumps(self.state.edits)})
 
     def load_state(self, path) -> dict:
-        """Put a saved state into this editor (its model first goes back to the unedited weights, from which
-        templates and C0 are made); returns the file's metadata without the edits."""
+        """Put a saved state into this editor; returns the file's metadata without the edits. The model first
+        goes back to its W_0 (the weights this Editor first saw, from which templates and C0 are made), so the
+        Editor must have been made on the unedited model, as for any edit."""
         path = Path(path)
         try:
             with safe_open(str(path), framework="pt") as f:

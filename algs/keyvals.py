@@ -42,6 +42,12 @@ def context_templates(model, tok, length_params, seed: int = 0, flat: bool = Fal
     return per_model[key]
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Keys and values leave the model in float32 (float64 for a float64 model: a solve in float64 must not
+    see them rounded)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _fill(template: str, request: dict) -> str:
     """Context template "<prefix>. {}" + request prompt "{} is in" -> "<prefix>. {} is in"."""
     return template.replace("{}", request["prompt"])
@@ -77,7 +83,7 @@ def compute_keys(model, tok, rewrite_module: str, requests, templates, fact_toke
             ids = prompt_token_ids(tok, prompt.format(request["subject"]))
             rows.append((ids, subject_token_index(tok, prompt, request["subject"], fact_token)))
     keys = _forward_rows(model, tok, rows, rewrite_module, batch_size, lambda tr, i, pos: tr.input[i, pos])
-    keys = keys.view(len(requests), len(flat_templates), -1).float()
+    keys = at_least_float32(keys.view(len(requests), len(flat_templates), -1))
     group_means, start = [], 0
     for group in templates:
         group_means.append(keys[:, start:start + len(group)].mean(1))
@@ -89,13 +95,14 @@ def module_output_at_subject(model, tok, module_name, requests, fact_token, batc
     """(B, d) output of `module_name` at the subject token of each bare request prompt."""
     rows = [(prompt_token_ids(tok, r["prompt"].format(r["subject"])),
              subject_token_index(tok, r["prompt"], r["subject"], fact_token)) for r in requests]
-    return _forward_rows(model, tok, rows, module_name, batch_size, lambda tr, i, pos: tr.output[i, pos]).float()
+    return at_least_float32(_forward_rows(model, tok, rows, module_name, batch_size,
+                                          lambda tr, i, pos: tr.output[i, pos]))
 
 
 def apply_matrix(module, keys: torch.Tensor) -> torch.Tensor:
     """W k (+ bias) for keys (B, d_k) -> (B, d_v): the edited module's own forward."""
     with torch.no_grad():
-        return module(keys.to(module.weight.dtype)).float()
+        return at_least_float32(module(keys.to(module.weight.dtype)))
 
 
 @dataclass
@@ -268,7 +275,7 @@ def _optimise_targets(model, tok, target_module, requests, templates, hp, prefix
 
     with torch.no_grad():
         logits, target_output = rows.forward(all_rows, keep)
-    initial = target_output[bare_rows, bare_pos].float()
+    initial = at_least_float32(target_output[bare_rows, bare_pos])
     kl_init = torch.log_softmax(logits[kl_rows_t, kl_col].float(), -1)
     max_norms = hp.clamp_norm_factor * initial.norm(dim=1)
 

@@ -52,7 +52,7 @@ def rect_filter(delta: torch.Tensor, weight: torch.Tensor, top_fraction: float) 
     if not 0 < top_fraction <= 1:
         raise ValueError(f"rect_top_fraction must be in (0, 1], got {top_fraction}")
     relative = delta.abs() / weight.to(delta.device, torch.float64).abs().clamp_min(torch.finfo(torch.float64).tiny)
-    kept = max(1, math.ceil(top_fraction * relative.numel()))
-    threshold = torch.topk(relative.flatten(), kept).values[-1]
-    mask = relative >= threshold
-    return torch.where(mask, delta, torch.zeros_like(delta)), int(mask.sum().item())
+    kept = max(1, math.ceil(round(top_fraction * relative.numel(), 6)))  # 0.07 × 100 is 7, not 7.000000000000001
+    mask = torch.zeros(relative.numel(), dtype=torch.bool, device=delta.device)
+    mask[torch.topk(relative.flatten(), kept).indices] = True  # exactly `kept` entries, ties or not
+    return torch.where(mask.view_as(delta), delta, torch.zeros_like(delta)), kept

@@ -17,6 +17,15 @@ def request_of(record: dict) -> dict:
     return dict(record)
 
 
+def requests_of(record: dict) -> list[dict]:
+    """Every edit request of a dataset record: one, or all of an MQuAKE case's requested_rewrite list (they go
+    into one batch), each with the record's case_id."""
+    rewrites = record.get("requested_rewrite")
+    if isinstance(rewrites, list):
+        return [{"case_id": record["case_id"], **rewrite} for rewrite in rewrites]
+    return [request_of(record)]
+
+
 def subject_template(prompt: str, subject: str, where: str) -> str:
     """A filled prompt turned into a template: its one occurrence of `subject` replaced by "{}"."""
     if not isinstance(prompt, str) or not isinstance(subject, str) or not subject.strip():

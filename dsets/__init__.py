@@ -1,9 +1,12 @@
 """Datasets for editing and evaluation, each found in the data directory or downloaded from the authors."""
 from dataclasses import dataclass
+from functools import partial
 
 from dsets.counterfact import CounterFactDataset, MultiCounterFactDataset
 from dsets.download import DatasetNotFound, locate
+from dsets.knowedit import KnowEditDataset
 from dsets.knowns import KnownsDataset
+from dsets.mquake import MQuAKEDataset
 from dsets.snippets import AttributeSnippets, get_tfidf_vectorizer
 from dsets.zsre import MENDQADataset
 from util.checks import check_request
@@ -16,7 +19,7 @@ class DatasetSpec:
     experiments.metrics), and whether the CounterFact generation tests (fluency, consistency) apply."""
 
     loader: object  # (data_dir=None, size=None, dataset_file=None) -> a Sequence of records with .source
-    kind: str  # "cf": NLL comparisons (ES/PS/NS); "zsre": token accuracy of answers
+    kind: str  # "cf": NLL comparisons (ES/PS/NS); "zsre": token accuracy of answers; "mquake": multi-hop questions
     description: str
     generation_tests: bool = False
 
@@ -25,7 +28,14 @@ class DatasetSpec:
 DATASETS = {
     "cf": DatasetSpec(CounterFactDataset, "cf", "CounterFact", generation_tests=True),
     "mcf": DatasetSpec(MultiCounterFactDataset, "cf", "MEMIT's multi-CounterFact", generation_tests=True),
-    "zsre": DatasetSpec(MENDQADataset, "zsre", "zsRE, MEND format"),
+    "zsre": DatasetSpec(MENDQADataset, "zsre", "zsRE, MEND format, or EasyEdit's zsRE portability files"),
+    "knowedit_zsre": DatasetSpec(partial(KnowEditDataset, "zsre"), "zsre", "KnowEdit ZsRE-test-all.json"),
+    "knowedit_counterfact": DatasetSpec(partial(KnowEditDataset, "counterfact"), "zsre",
+                                        "KnowEdit WikiData-counterfact, test_cf.json or train_cf.json"),
+    "knowedit_recent": DatasetSpec(partial(KnowEditDataset, "recent"), "zsre",
+                                   "KnowEdit WikiData-recent, recent_test.json or recent_train.json"),
+    "mquake": DatasetSpec(MQuAKEDataset, "mquake", "MQuAKE CF-3k-v2, CF or T: a case's edits in one batch, then its "
+                                                   "multi-hop questions"),
 }
 
 
@@ -47,7 +57,9 @@ def check_records(records, ds_name: str) -> None:
         why = f" ({skipped} skipped: the subject is not in the prompt, or it has braces)" if skipped else ""
         raise InputError(f"no usable {ds_name} records{why}", where, "give a dataset with at least one usable record")
     for record in records:
-        check_request(record["requested_rewrite"], f"{where} case_id {record['case_id']}")
+        rewrites = record["requested_rewrite"]
+        for rewrite in rewrites if isinstance(rewrites, list) else [rewrites]:
+            check_request(rewrite, f"{where} case_id {record['case_id']}")
 
-__all__ = ["AttributeSnippets", "CounterFactDataset", "DATASETS", "DatasetSpec", "DatasetNotFound", "KnownsDataset", "MENDQADataset",
+__all__ = ["AttributeSnippets", "CounterFactDataset", "DATASETS", "DatasetSpec", "KnowEditDataset", "MQuAKEDataset", "DatasetNotFound", "KnownsDataset", "MENDQADataset",
            "MultiCounterFactDataset", "get_tfidf_vectorizer", "load_records", "locate"]

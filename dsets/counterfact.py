@@ -2,13 +2,15 @@
 
 Preference order: the authors' full `counterfact.json` (downloaded when missing and allowed) > the EasyEdit
 reduced files (all 21,919 cases, mapped onto the ROME schema) > ROME-schema subset files in counterfact_rome/.
-Fields a source lacks (relation_id, ids, attribute/generation prompts) stay ABSENT: nothing is invented.
+Fields a source lacks (relation_id, ids, attribute/generation prompts) stay ABSENT: nothing is invented. EasyEdit's
+portability/locality fields on ROME-schema records become canonical evaluation prompts (dsets.editing_eval).
 `dataset.source` says which copy was used, so a results file can record it.
 """
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from dsets.editing_eval import add_evaluation_prompts
 from dsets.download import REMOTE_DSETS, DatasetNotFound, locate, read_json_list, resolve_data_dir
 from util.errors import InputError
 
@@ -68,6 +70,7 @@ def read_rome_files(paths: list) -> list:
     for path in paths:
         for i, record in enumerate(read_json_list(path)):
             check_rome_record(record, f"{path} record {i}")
+            record = add_evaluation_prompts(record, f"{path} record {i}")
             if record["case_id"] in seen:
                 raise InputError(f"case_id {record['case_id']} appears twice", f"{seen[record['case_id']]} and {path}",
                                  "give every record its own case_id")

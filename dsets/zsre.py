@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dsets.counterfact import first_n, template_from_sentence
+from dsets.editing_eval import zsre_evaluation_prompts
 from dsets.download import REMOTE_DSETS, DatasetNotFound, locate, read_json_list, resolve_data_dir
 
 log = logging.getLogger(__name__)
@@ -18,26 +19,35 @@ log = logging.getLogger(__name__)
 EVAL_FILE = "zsre_mend_eval.json"  # the name the authors serve under REMOTE_DSETS
 EVAL_FILE_ALIAS = "zsre_mem.json"
 SUBSET_FILE = Path("zsre_subset") / "zsre_mend_train-1k.json"
-MEND_KEYS = ("subject", "src", "answers", "rephrase", "loc", "loc_ans")
+MEND_KEYS = ("subject", "src", "answers", "rephrase")
+PORTABILITY_FIELDS = ("portability", "alternative_subject", "alter_subject_question", "inverse question")
 EVAL_SET = {"subset": False, "note": "zsRE evaluation set"}
 TRAIN_SUBSET = {"subset": True, "note": "MEND train-split subset (1,000 records), NOT the zsRE evaluation set"}
 
 
-def mend_to_record(raw: dict, case_id: int) -> dict | None:
-    """One MEND zsRE record as an edit record; None when the subject is not in the question."""
+def mend_to_record(raw: dict, case_id: int, where: str) -> dict | None:
+    """One MEND zsRE record as an edit record; None when the subject is not in the question.
+
+    The edit writes answers[0], as the ROME/MEMIT references do. A record of EasyEdit's portability files
+    (One Hop, Subject Replace, Inverse Relation) is edited towards `alt` instead, as EasyEdit does: its
+    portability questions presuppose that answer. Their files have no NQ neighbourhood question (loc)."""
     template = template_from_sentence(raw["src"], raw["subject"])
     if template is None:
         return None
-    return {
+    portable = any(key in raw for key in PORTABILITY_FIELDS)
+    record = {
         "case_id": case_id,
         "requested_rewrite": {
             "prompt": template,
             "subject": raw["subject"],
-            "target_new": {"str": raw["answers"][0]},
+            "target_new": {"str": raw["alt"] if portable else raw["answers"][0]},
         },
         "paraphrase_prompts": [raw["rephrase"]],
-        "neighborhood_prompts": [{"prompt": raw["loc"], "target": raw["loc_ans"]}],
+        **zsre_evaluation_prompts(raw, where),
     }
+    if "loc" in raw and "loc_ans" in raw:
+        record["neighborhood_prompts"] = [{"prompt": raw["loc"], "target": raw["loc_ans"]}]
+    return record
 
 
 def read_mend_file(path: Path) -> tuple[list, int]:
@@ -45,9 +55,11 @@ def read_mend_file(path: Path) -> tuple[list, int]:
     records, skipped = [], 0
     for i, raw in enumerate(read_json_list(path)):
         missing = [k for k in MEND_KEYS if not isinstance(raw, dict) or k not in raw]
+        if not missing and any(key in raw for key in PORTABILITY_FIELDS) and "alt" not in raw:
+            missing = ["alt"]
         if missing or not isinstance(raw["answers"], list) or not raw["answers"]:
             raise ValueError(f"{path} record {i}: missing {missing or ['answers[0]']} (expected the MEND zsRE format)")
-        record = mend_to_record(raw, i)
+        record = mend_to_record(raw, i, f"{path} record {i}")
         if record is None:
             skipped += 1
         else:

@@ -37,12 +37,13 @@ from tqdm import tqdm
 
 from algs import Editor, algorithm
 from algs.editor import hparams_path
-from algs.requests import request_of
+from algs.requests import requests_of
 from algs.stats_corpus import CorpusUnavailable, check_corpus
 from dsets import DATASETS, AttributeSnippets, DatasetNotFound, get_tfidf_vectorizer, load_records
 from experiments import lifelong
 from experiments.arguments import DEFAULT_RUN_ARGV, RESULT_ARG_DEFAULTS, RESULT_ARGS, parse_args
 from experiments.metrics import Evaluation
+from experiments.metrics.chat import chat_prompt
 from experiments.metrics.generation import GenerationSettings
 from experiments.run_store import (RunStore, as_json, dataset_fingerprint, git_commit, library_versions,
                                    utc_now)
@@ -128,6 +129,29 @@ def load_health_checks(args, data_dirs: list, tok=None, model=None):
     return lifelong.HealthChecks(tasks, chunks, source)
 
 
+def evaluation_plan(args, data_dirs: list) -> tuple[Evaluation, dict]:
+    """How the records are scored (their kind's metrics, --generation_metrics, --chat_template, MQuAKE's
+    few-shot prompt) and what params.json records about it; a missing few-shot file fails before the model."""
+    kind = DATASETS[args.ds_name].kind
+    info = {"kind": kind, "generation_metrics": args.generation_metrics, "chat_template": args.chat_template}
+    fewshot = None
+    if kind == "mquake":
+        from dsets.mquake import load_fewshot_prompt
+
+        fewshot, info["fewshot_prompt"] = load_fewshot_prompt_from(load_fewshot_prompt, data_dirs)
+    return Evaluation(kind, args.generation_metrics, args.chat_template, fewshot), info
+
+
+def load_fewshot_prompt_from(load, data_dirs: list) -> tuple[str, str]:
+    """MQuAKE's few-shot prompt from the first data dir that has it, and which one that was."""
+    for data_dir in data_dirs[:-1]:
+        try:
+            return load(data_dir), str(data_dir)
+        except DatasetNotFound:
+            continue
+    return load(data_dirs[-1]), str(data_dirs[-1])
+
+
 def health_info(health) -> dict:
     if health is None:
         return {"run": False}
@@ -162,6 +186,7 @@ def prepare(args, default_run: bool) -> Run:
     log.info("dataset %s: %d cases from %s", args.ds_name, len(records), records.source)
     health_data_dirs = list(dict.fromkeys(str(d) for d in (data_dir, G.data_dir(), SHARED_DATA_DIR)))
     load_health_checks(args, health_data_dirs)  # a missing or malformed task file fails here, before the model
+    evaluation, evaluation_info = evaluation_plan(args, health_data_dirs)
     log.info("model %s on %s in %s", args.model_name, args.device, args.dtype)
     model, tok = load_model(args.model_name, args.device, args.dtype, device_map=args.device_map,
                             offload_folder=str(Path(args.results_dir) / ".offload"))
@@ -178,6 +203,8 @@ def prepare(args, default_run: bool) -> Run:
         log.info("--use_cache is ignored in sequential mode: each batch's targets depend on the earlier edits")
     # Templates and C0 from the unedited model now: a bad statistics corpus fails here, before any evaluation,
     # and a resumed sequential run continues exactly (its edited weights are loaded later).
+    if args.chat_template:  # a tokenizer without one fails here, before any work
+        chat_prompt(tok, "?")
     editor.prepare()
     generation, generation_info = generation_plan(args, records, data_dir)
     health = load_health_checks(args, health_data_dirs, tok, model)
@@ -188,7 +215,8 @@ def prepare(args, default_run: bool) -> Run:
         "num_cases": len(records), "dataset_fingerprint": fingerprint, "versions": library_versions(),
         "git_commit": git_commit(), "device": args.device, "dtype": args.dtype,
         "stats_corpus": hp.mom2_dataset if hp.mom2_adjustment else None, "generation": generation_info,
-        "default_run": default_run, "statistics": {}, "downstream": health_info(health), "started_at": utc_now(),
+        "default_run": default_run, "evaluation": evaluation_info, "statistics": {},
+        "downstream": health_info(health), "started_at": utc_now(),
         "status": "running",
     })
     if store is None:
@@ -197,19 +225,18 @@ def prepare(args, default_run: bool) -> Run:
         store.check_same({key: params[key] for key in RESULT_PARAMS})
         store.resume()
     log.info("run dir: %s", store.run_dir)
-    return Run(args, editor, list(records), Evaluation(DATASETS[args.ds_name].kind), generation, generation_info,
-               health, store)
+    return Run(args, editor, list(records), evaluation, generation, generation_info, health, store)
 
 
 # ---------------------------------------------------------------- one batch
 
-def batch_metrics(run: Run, indices: list) -> list[tuple[dict, str]]:
+def batch_metrics(run: Run, indices: list, pre: list | None = None) -> list[tuple[dict, str]]:
     """Per record of `indices`, its metrics on the model as it is now (the prompts of every case of the batch
-    scored together) and whether the generation tests ran (or why not)."""
+    scored together; `pre`: their pre-edit metrics) and whether the generation tests ran (or why not)."""
     args, model, tok = run.args, run.editor.model, run.editor.tokenizer
     records = [run.records[i] for i in indices]
     results = []
-    for index, record, metrics in zip(indices, records, run.evaluation.metrics(model, tok, records)):
+    for index, record, metrics in zip(indices, records, run.evaluation.metrics(model, tok, records, pre)):
         if run.generation is None:
             results.append((metrics, f"skipped: {run.generation_info['reason']}"))
         elif index % args.generation_test_interval != 0:
@@ -220,15 +247,20 @@ def batch_metrics(run: Run, indices: list) -> list[tuple[dict, str]]:
     return results
 
 
-def case_edit_reports(report: dict, n_requests: int) -> list[dict]:
-    """Per request, in order: its own target optimisation and the layers of the edit that wrote it
-    (ROME writes each fact by its own edit; MEMIT and EMMET write the whole batch at once)."""
+def case_edit_reports(report: dict, requests_per_case: list) -> list[dict]:
+    """Per case, in order: its request's own target optimisation and the layers of the edit that wrote it
+    (ROME writes each fact by its own edit; MEMIT and EMMET write the whole batch at once); a case with several
+    requests (MQuAKE) gets {"requests": [one such entry per request]}."""
     entries = [{"objective": edit["objective"], "target_module": edit["target_module"], "target_optimisation": info,
                 "layers": edit["layers"]}
                for edit in report["batches"] for info in edit["target_optimisation"]]
-    if len(entries) != n_requests:
-        raise RuntimeError(f"the edit report describes {len(entries)} requests, expected {n_requests}")
-    return entries
+    if len(entries) != sum(requests_per_case):
+        raise RuntimeError(f"the edit report describes {len(entries)} requests, expected {sum(requests_per_case)}")
+    cases, start = [], 0
+    for count in requests_per_case:
+        cases.append(entries[start] if count == 1 else {"requests": entries[start:start + count]})
+        start += count
+    return cases
 
 
 def edit_batch(run: Run, requests: list) -> tuple[float, dict]:
@@ -244,17 +276,18 @@ def run_batch(run: Run, batch: int, indices: list, edits_done: int) -> None:
     records = [run.records[i] for i in indices]
     case_ids = [record["case_id"] for record in records]
     pre = batch_metrics(run, indices)
-    edit_time, report = edit_batch(run, [request_of(record) for record in records])
+    requests = [requests_of(record) for record in records]
+    edit_time, report = edit_batch(run, [request for case in requests for request in case])
     if not store.params["statistics"]:
         first_edit = report["batches"][0]
         store.params["statistics"] = {layer["module"]: layer["statistics"] for layer in first_edit["layers"]}
         store.write_params()
-    post = [metrics for metrics, _ in batch_metrics(run, indices)]
+    post = [metrics for metrics, _ in batch_metrics(run, indices, [metrics for metrics, _ in pre])]
     if not args.sequential:
         run.editor.restore()
     with interrupts_deferred():  # a batch's files are written as a whole
         for record, (pre_metrics, generation_test), post_metrics, edit in zip(
-                records, pre, post, case_edit_reports(report, len(records))):
+                records, pre, post, case_edit_reports(report, [len(case) for case in requests])):
             store.write_case({
                 "case_id": record["case_id"], "batch": batch, "batch_case_ids": case_ids,
                 "num_edits": args.num_edits, "sequential": args.sequential,

@@ -11,10 +11,9 @@ import logging
 import time
 from dataclasses import dataclass
 
+from experiments.metrics import mean_scores
+
 log = logging.getLogger(__name__)
-
-SCORED = ("ES", "PS", "NS", "EM", "PM", "NM")
-
 
 def is_due(interval, edits_before: int, edits_after: int) -> bool:
     """Whether a multiple of `interval` edits was reached by the batch that took the count from before to after."""
@@ -44,20 +43,17 @@ class HealthChecks:
 
 
 def retention_checkpoint(evaluation, model, tok, records: list, edits_done: int, after_batch: int,
-                         metrics: list | None = None) -> dict:
+                         metrics: list | None = None, pre: list | None = None) -> dict:
     """Every case edited so far, re-scored on the current model: per-case scores and their means.
-    `metrics`: the records' metrics on this model when already computed (the final scores)."""
+    `metrics`: the records' metrics on this model when already computed (the final scores); `pre`: their
+    pre-edit metrics (locality answers unchanged)."""
     started = time.perf_counter()
     if metrics is None:
-        metrics = evaluation.metrics(model, tok, records)
+        metrics = evaluation.metrics(model, tok, records, pre)
     scores = [evaluation.scores(case_metrics) for case_metrics in metrics]
-    means = {}
-    for name in SCORED:
-        values = [case[name] for case in scores if name in case]
-        if values:
-            means[name] = sum(values) / len(values)
     return {"num_edits_done": edits_done, "after_batch": after_batch, "num_cases": len(records),
-            "mean": means, "cases": {str(record["case_id"]): score for record, score in zip(records, scores)},
+            "mean": mean_scores(scores, with_s=False),
+            "cases": {str(record["case_id"]): score for record, score in zip(records, scores)},
             "seconds": time.perf_counter() - started}
 
 
@@ -66,16 +62,17 @@ def final_scores(run, last_batch: int, chunk: int = 256) -> list[dict]:
     (retention). Cases that already have it (a resumed run) are left as they are. Returns every case's
     final metrics, in the records' order."""
     store, editor = run.store, run.editor
-    finals = [store.read_case(record["case_id"]).get("final") for record in run.records]
+    cases = [store.read_case(record["case_id"]) for record in run.records]
+    finals = [case.get("final") for case in cases]
     missing = [i for i, final in enumerate(finals) if final is None]
     if missing:
         log.info("final: re-scoring %d cases on the model after the last batch", len(missing))
     for start in range(0, len(missing), chunk):
         indices = missing[start:start + chunk]
-        scored = run.evaluation.metrics(editor.model, editor.tokenizer, [run.records[i] for i in indices])
+        scored = run.evaluation.metrics(editor.model, editor.tokenizer, [run.records[i] for i in indices],
+                                        [cases[i]["pre"] for i in indices])
         for i, metrics in zip(indices, scored):
-            case = store.read_case(run.records[i]["case_id"])
-            store.write_case({**case, "final": metrics, "final_after_batch": last_batch,
+            store.write_case({**cases[i], "final": metrics, "final_after_batch": last_batch,
                               "final_num_edits_done": len(run.records)})
             finals[i] = metrics
     return finals
@@ -94,8 +91,9 @@ def health_checks(run, edits_before: int, edits_after: int, batch: int, is_last:
             edited = [run.records[i] for i in range(edits_after)]
             log.info("retention: %s the %d cases edited so far", "from the final scores of" if final is not None else
                      "re-scoring", len(edited))
+            pre = None if final is not None else [store.read_case(record["case_id"])["pre"] for record in edited]
             store.write_checkpoint("retention", edits_after, retention_checkpoint(
-                run.evaluation, model, tok, edited, edits_after, batch, metrics=final))
+                run.evaluation, model, tok, edited, edits_after, batch, metrics=final, pre=pre))
     if run.health is not None and (is_last or edits_after == 0 or
                                    is_due(args.downstream_eval_steps, edits_before, edits_after)):
         if store.read_checkpoint("downstream", edits_after) is None:

@@ -29,23 +29,30 @@ if __name__ == "__main__":  # run as a script: import the packages beside this f
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from dsets import DATASETS
+from experiments.metrics import Evaluation
+from experiments.metrics.counterfact import harmonic_mean
 from experiments.run_store import WEIGHT_NORMS_FILE, read_jsonl
-from experiments.metrics.counterfact import counterfact_case_scores, harmonic_mean
-from experiments.metrics.zsre import zsre_case_scores
 from util.errors import InputError, report
 from util.io import atomic_path, write_json_atomic
 
 PROG = "summarize"
 SCALE = 100
-METRICS = ("ES", "PS", "NS", "EM", "PM", "NM", "GE", "RS")
+# Teacher-forced scores beside their generation-based counterparts (SPEC §11), then the rest.
+METRICS = ("ES", "GES", "PS", "GPS", "NS", "GNS", "EM", "PM", "NM", "GE", "RS", "multihop", "multihop_original",
+           "single_hop")
 SCORE_PARTS = ("ES", "PS", "NS")
+GENERATED_PARTS = ("GES", "GPS", "GNS")
+SCORES = {"S": SCORE_PARTS, "GS": GENERATED_PARTS}  # harmonic means: teacher-forced S, generation-based GS
 SIDES = ("pre", "post", "final")  # final: sequential runs only, on the model after the last batch
-CASE_SCORES = {"cf": counterfact_case_scores, "mcf": counterfact_case_scores, "zsre": zsre_case_scores}
 SCALE_NOTES = {
-    "counterfact": "values ×100: ES/PS/NS, EM/PM/NM in %; GE = n-gram entropy ×100 (unedited GPT-2 XL ≈ 626); "
-                   "RS = tf-idf cosine ×100",
+    "cf": "values ×100: ES/PS/NS, EM/PM/NM in %; GE = n-gram entropy ×100 (unedited GPT-2 XL ≈ 626); "
+          "RS = tf-idf cosine ×100",
     "zsre": "values ×100: ES/PS/NS = token accuracy in %",
+    "mquake": "values ×100: multihop = cases answering a multi-hop question with the new answer, %",
 }
+GENERATION_NOTE = ("G* = generation-based (greedy answer, normalised prefix match); portability_/locality_<kind>: "
+                   "_acc token accuracy, _G generation-based, _unchanged greedy answer as before the edit")
 PLOT_METRICS = ("ES", "PS", "NS", "S", "GE")
 RUN_DIR_RE = re.compile(r"^run_\d+$")
 CASE_FILE_RE = re.compile(r"^case_(\d+)\.json$")
@@ -106,8 +113,8 @@ def read_json_object(path: Path, error_class) -> dict:
 def read_params(run_dir: Path) -> dict:
     path = run_dir / "params.json"
     params = read_json_object(path, RunError)
-    if params.get("ds_name") not in CASE_SCORES:
-        raise RunError(f"{path}: 'ds_name' is {params.get('ds_name')!r}; expected one of {', '.join(CASE_SCORES)}")
+    if params.get("ds_name") not in DATASETS:
+        raise RunError(f"{path}: 'ds_name' is {params.get('ds_name')!r}; expected one of {', '.join(DATASETS)}")
     if not isinstance(params.get("hparams", {}), dict):
         raise RunError(f"{path}: 'hparams' must be an object")
     return params
@@ -148,8 +155,9 @@ def metric_stats(scores: list[dict], side: str) -> dict:
         row[f"{side}_{name}_mean"] = statistics.fmean(values)
         row[f"{side}_{name}_std"] = statistics.pstdev(values)
         row[f"{side}_{name}_n"] = len(values)
-    if all(f"{side}_{m}_mean" in row for m in SCORE_PARTS):
-        row[f"{side}_S"] = harmonic_mean(row[f"{side}_{m}_mean"] for m in SCORE_PARTS)
+    for score, parts in SCORES.items():
+        if all(f"{side}_{m}_mean" in row for m in parts):
+            row[f"{side}_{score}"] = harmonic_mean(row[f"{side}_{m}_mean"] for m in parts)
     return row
 
 
@@ -171,7 +179,7 @@ def summarize_run(run_dir, first_n_cases=None) -> dict:
     """One flat dict per run: descriptors, case counts, edit times, and every metric's pre/post stats."""
     run_dir = Path(run_dir)
     params = read_params(run_dir)
-    case_scores = CASE_SCORES[params["ds_name"]]
+    case_scores = Evaluation(DATASETS[params["ds_name"]].kind).scores
     cases, unparseable = [], 0
     for path in case_files(run_dir, first_n_cases):
         try:
@@ -214,14 +222,16 @@ def summarize_run(run_dir, first_n_cases=None) -> dict:
 # ---------------------------------------------------------------- sequential runs
 
 def mean_scores(scores: list[dict], prefix: str) -> dict:
-    """{prefix_ES: mean ×100, ...} over cases for ES/PS/NS, and prefix_S, their harmonic mean."""
+    """{prefix_ES: mean ×100, ...} over cases for ES/PS/NS and GES/GPS/GNS, and prefix_S / prefix_GS, their
+    harmonic means."""
     row = {}
-    for name in SCORE_PARTS:
-        values = [SCALE * case[name] for case in scores if name in case]
-        if values:
-            row[f"{prefix}_{name}"] = statistics.fmean(values)
-    if all(f"{prefix}_{name}" in row for name in SCORE_PARTS):
-        row[f"{prefix}_S"] = harmonic_mean(row[f"{prefix}_{name}"] for name in SCORE_PARTS)
+    for score, parts in SCORES.items():
+        for name in parts:
+            values = [SCALE * case[name] for case in scores if name in case]
+            if values:
+                row[f"{prefix}_{name}"] = statistics.fmean(values)
+        if all(f"{prefix}_{name}" in row for name in parts):
+            row[f"{prefix}_{score}"] = harmonic_mean(row[f"{prefix}_{name}"] for name in parts)
     return row
 
 
@@ -277,23 +287,25 @@ def format_checkpoints(summary: dict) -> str:
     for row in checkpoints:
         tasks += [key[:-len("_accuracy")] for key in row if key.endswith("_accuracy") and
                   key[:-len("_accuracy")] not in tasks]
-    header = ["edits", "post ES/PS/NS", "retention ES/PS/NS (S)", *(f"{t} acc/F1/MCC" for t in tasks), "ppl",
-              "max|W-W0|"]
+    generated = any("retention_GES" in row for row in checkpoints)
+    header = ["edits", "post ES/PS/NS", "retention ES/PS/NS (S)", *(["retention GES/GPS/GNS (GS)"] * generated),
+              *(f"{t} acc/F1/MCC" for t in tasks), "ppl", "max|W-W0|"]
 
     def triple(row, prefix, names):
         if not any(f"{prefix}{n}" in row for n in names):
             return "-"
         return "/".join(f"{row[f'{prefix}{n}']:.1f}" if f"{prefix}{n}" in row else "-" for n in names)
 
+    def retention(row, score):
+        text = triple(row, "retention_", SCORES[score])
+        return text + (f" ({row[f'retention_{score}']:.1f})" if f"retention_{score}" in row else "")
+
     lines = [header]
     for row in checkpoints:
-        retention = triple(row, "retention_", SCORE_PARTS)
-        if "retention_S" in row:
-            retention += f" ({row['retention_S']:.1f})"
         ppl = row.get("perplexity")
         distance = row.get("max_distance_from_initial")
-        lines.append([str(row["edits"]), triple(row, "post_", SCORE_PARTS), retention,
-                      *(triple(row, f"{t}_", DOWNSTREAM_METRICS) for t in tasks),
+        lines.append([str(row["edits"]), triple(row, "post_", SCORE_PARTS), retention(row, "S"),
+                      *([retention(row, "GS")] * generated), *(triple(row, f"{t}_", DOWNSTREAM_METRICS) for t in tasks),
                       "-" if ppl is None else f"{ppl:.2f}", "-" if distance is None else f"{distance:.3f}"])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["sequential checkpoints (ES/PS/NS and downstream ×100; ppl = WikiText-2 perplexity; "
@@ -342,8 +354,10 @@ def format_table(summary: dict) -> str:
         f"dataset {summary['ds_name']} | num_edits {summary['num_edits']} | sequential {summary['sequential']}",
         f"FastMEMIT statistics cap: {fast}",
         f"{counts} | {edit} | run wall time {format_seconds(summary['total_seconds'])}",
-        f"{SCALE_NOTES['zsre' if summary['ds_name'] == 'zsre' else 'counterfact']}; mean ± std over cases",
+        f"{SCALE_NOTES[DATASETS[summary['ds_name']].kind]}; mean ± std over cases",
     ]
+    if any(name.startswith(("G", "portability_", "locality_")) and name != "GE" for name in metric_names(summary)):
+        lines.append(GENERATION_NOTE)
     names = metric_names(summary)
     if not names:
         return "\n".join(lines + ["  no scored cases"])
@@ -352,8 +366,10 @@ def format_table(summary: dict) -> str:
     for name in names:
         n = summary.get(f"post_{name}_n", summary.get(f"pre_{name}_n"))
         rows.append((name, *(mean_std(summary, side, name) for side in sides), str(n)))
-    rows.append(("S", *(f"{summary[f'{side}_S']:.2f}" if f"{side}_S" in summary else "-" for side in sides),
-                 "harmonic mean of ES, PS, NS means"))
+    for score, parts in SCORES.items():
+        if any(f"{side}_{score}" in summary for side in sides):
+            rows.append((score, *(f"{summary[f'{side}_{score}']:.2f}" if f"{side}_{score}" in summary else "-"
+                                  for side in sides), f"harmonic mean of {', '.join(parts)} means"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(sides) + 1)]
     for row in rows:
         cells = [f"{row[0]:<{widths[0]}}"] + [f"{cell:>{width}}" for cell, width in zip(row[1:-1], widths[1:])]
@@ -470,12 +486,13 @@ def plot_runs(summaries: list[dict], path) -> Figure:
 
 
 def plot_lifelong(summaries: list[dict], path) -> Figure:
-    """The lifelong papers' figures: retention ES/PS/NS/S, each downstream task's F1, perplexity and the
-    largest ‖W_t − W_0‖_F against the number of edits, one line per sequential run."""
+    """The lifelong papers' figures: retention ES/PS/NS/S (and the generation-based GES/GPS/GNS/GS: the
+    forgetting curve of what the model says), each downstream task's F1, perplexity and the largest
+    ‖W_t − W_0‖_F against the number of edits, one line per sequential run."""
     runs = [s for s in summaries if s.get("checkpoints") or s.get("distance_curve")]
     if not runs:
         raise RunError("nothing to plot: no sequential run has checkpoints")
-    keys = [f"retention_{name}" for name in (*SCORE_PARTS, "S")]
+    keys = [f"retention_{name}" for name in (*SCORE_PARTS, "S", *GENERATED_PARTS, "GS")]
     keys = [k for k in keys if any(k in row for s in runs for row in s["checkpoints"])]
     tasks = []
     for s in runs:

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 
-from util.chat import chat_prompt, with_chat_template
+from experiments.metrics.chat import chat_prompt, with_chat_template
 from util.errors import InputError
 
 GENERATION_PROMPT = "<|im_start|>assistant\n"

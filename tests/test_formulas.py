@@ -7,6 +7,9 @@ its bookkeeping — spread, S_t, projection, PRUNE, RECT — not the Adam optimi
 second_moments_for on the unedited model, and each ΔW from the paper's closed form with explicit d_k × d_k
 inverses. Every ΔW the Editor writes must equal the reference's to 1e-8 relative.
 
+Residuals (z − h_L, v* − W k) are formed in float64: keyvals keeps a float64 model's vectors in float64
+(test_keyvals_keep_float64_for_a_float64_model), so nothing is rounded to float32 on the way to the solve.
+
 Besides catching a wrong formula these catch, each in at least one test (checked by mutating algs/ locally):
 ENCORE without update_norm_lambda, AlphaEdit with λC0 kept under the projection, S_t updated before the solve
 (the batch's own keys counted twice), PRUNE's W_0 taken from the model after the first batch.
@@ -124,7 +127,8 @@ class DenseReference:
         return torch.where(keep.view_as(delta), delta, torch.zeros_like(delta))
 
     def prune(self, name):
-        """W_t = W_0 + U F(Σ) Vᵀ of W_t − W_0, F(σ) = log_α σ − log_α σ_max(W_0) + σ_max(W_0) above σ_max(W_0)."""
+        """W_t = W_0 + U F(Σ) Vᵀ from the SVD of W_t − W_0; F(σ) = log_α σ − log_α σ_max(W_0) + σ_max(W_0) for
+        σ > σ_max(W_0), else σ."""
         alpha, W0 = self.hp.prune_log_base, self.W0[name]
         top = torch.linalg.svdvals(W0)[0]
         U, s, Vh = torch.linalg.svd(out_in(get_module(self.model, name)) - W0, full_matrices=False)
@@ -248,7 +252,8 @@ def test_update_is_the_papers_formula(case, arch, models64, embedded_tokenizer, 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_encore_update_norm_and_earlier_edits(arch, models64, embedded_tokenizer, corpus, stats_dir):
-    """Δ = R Kᵀ (λC0 + uI + S_t + K Kᵀ)⁻¹ with S_t of batch 1 in batch 2; S_t = Σ K Kᵀ of the batches written."""
+    """Δ = R Kᵀ (λC0 + uI + S_t + K Kᵀ)⁻¹ with S_t of batch 1 in batch 2; S_t = Σ K Kᵀ of the batches
+    written, each once."""
     editor, reference, steps = run_both("ENCORE", arch, models64, embedded_tokenizer, corpus, stats_dir)
     assert_same_updates(reference, steps)
     assert [s["layers"][0]["solver"]["prev_edits"] for _, _, report in steps for s in report["batches"]] == \
@@ -290,6 +295,19 @@ def test_memit_rect_keeps_the_top_fraction_of_each_update(arch, models64, embedd
     for _, reference_weights, report in steps:
         for layer_report, name in zip(report["batches"][0]["layers"], reference.modules):
             delta = reference_weights[name] - previous[name]
-            expected = math.ceil(editor.hparams.rect_top_fraction * delta.numel())
+            expected = math.ceil(round(editor.hparams.rect_top_fraction * delta.numel(), 6))
             assert int((delta != 0).sum()) == expected == layer_report["solver"]["rect_kept"]
         previous = reference_weights
+
+
+def test_keyvals_keep_float64_for_a_float64_model(models64, embedded_tokenizer):
+    tok, model = embedded_tokenizer, models64["llama"]
+    hp = algorithm("MEMIT").load_hparams(base_hparams("unused.txt", SPREAD))
+    names = module_names(model)
+    templates = keyvals.context_templates(model, tok, TEMPLATE_LENGTHS)
+    block = names.layer_module_tmp.format(SPREAD[-1])
+    keys = keyvals.compute_keys(model, tok, names.rewrite_module_tmp.format(SPREAD[0]), BATCHES[1], templates,
+                                "subject_last")
+    h = keyvals.module_output_at_subject(model, tok, block, BATCHES[1], "subject_last")
+    z = keyvals.compute_targets(model, tok, block, BATCHES[1], templates, hp).targets
+    assert [t.dtype for t in (keys.averaged, keys.bare, h, z)] == [F64] * 4

@@ -62,7 +62,8 @@ def test_zsre_records_mapped_by_hand(zsre_dir):
                                "target_new": {"str": "Noctuidae"}, "target_true": {"str": "Aspidoceratidae"}},
          "paraphrase_prompts": ["What family are Epaspidoceras?"],
          "portability_prompts": {"reasoning": [
-             {"prompt": "What is the common name for the family Epaspidoceras belongs to?", "answers": ["Owlet moths"]}]},
+             {"prompt": "What is the common name for the family Epaspidoceras belongs to?",
+              "answers": ["Owlet moths"]}]},
          "locality_prompts": {"relation_specificity": [
              {"prompt": "The taxon rank of Epaspidoceras is", "answers": ["genus"]},
              {"prompt": "Epaspidoceras taxon rank", "answers": ["genus"]}]}},

@@ -81,9 +81,9 @@ def test_last_retention_checkpoint_reuses_the_final_scores(ws, tmp_path, monkeyp
     scored = []
     metrics = Evaluation.metrics
 
-    def counting(self, model, tok, records):
+    def counting(self, model, tok, records, pre=None):
         scored.append(len(records))
-        return metrics(self, model, tok, records)
+        return metrics(self, model, tok, records, pre)
 
     monkeypatch.setattr(Evaluation, "metrics", counting)
     argv = argv_for(ws, tmp_path / "results", "--sequential", "--skip_generation_tests", "--retention_eval_steps=2")

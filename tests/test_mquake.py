@@ -6,11 +6,12 @@ import json
 import pytest
 
 from dsets.download import DatasetNotFound
-from dsets.mquake import MQuAKEDataset, load_fewshot_prompt, mquake_requests
+from algs.requests import requests_of
+from dsets.mquake import MQuAKEDataset, load_fewshot_prompt
 from experiments.metrics.mquake import mquake_case_scores, mquake_metrics_many, mquake_prompt
 from tests.conftest import shared_path
 from tests.fake_lm import ScriptedLM, one_thread  # noqa: F401
-from util.chat import chat_prompt
+from experiments.metrics.chat import chat_prompt
 from util.checks import check_requests
 from util.errors import InputError
 
@@ -29,7 +30,8 @@ CASES = [
              "target_true": {"str": "United States of America", "id": "Q30"}, "subject": "Vince McMahon",
              "question": "What is the country of citizenship of Vince McMahon?"},
             {"prompt": "The capital of {} is", "relation_id": "P36",
-             "target_new": {"str": "Franklin", "id": "Q1778943"}, "target_true": {"str": "Tripoli", "id": "Q3579"}, "subject": "Libya",
+             "target_new": {"str": "Franklin", "id": "Q1778943"}, "target_true": {"str": "Tripoli", "id": "Q3579"},
+             "subject": "Libya",
              "question": "What is the capital of Libya?"},
         ],
         "questions": [
@@ -75,7 +77,8 @@ CASES = [
         "case_id": 17,
         "requested_rewrite": [
             {"prompt": "{} is located in the country of", "relation_id": "P17",
-             "target_new": {"str": "Italy", "id": "Q38"}, "target_true": {"str": "France", "id": "Q142"}, "subject": "Eiffel Tower",
+             "target_new": {"str": "Italy", "id": "Q38"}, "target_true": {"str": "France", "id": "Q142"},
+             "subject": "Eiffel Tower",
              "question": "Which country is Eiffel Tower located in?"},
         ],
         "questions": ["What is the capital of the country where the Eiffel Tower is located?",
@@ -145,13 +148,14 @@ def test_loader_reads_and_checks_the_cases(mquake_dir):
 
 
 def test_requests_of_a_case_are_framework_requests():
-    requests = mquake_requests(CASES[0])
+    requests = requests_of(CASES[0])
     check_requests(requests, "test")
-    assert requests == [
-        {"case_id": 2500, "prompt": "{} is a citizen of", "subject": "Vince McMahon", "target_new": {"str": "Libya"},
-         "target_true": {"str": "United States of America"}},
-        {"case_id": 2500, "prompt": "The capital of {} is", "subject": "Libya", "target_new": {"str": "Franklin"},
-         "target_true": {"str": "Tripoli"}}]
+    assert [{key: r[key] for key in ("case_id", "prompt", "subject", "target_new", "target_true")}
+            for r in requests] == [
+        {"case_id": 2500, "prompt": "{} is a citizen of", "subject": "Vince McMahon",
+         "target_new": {"str": "Libya", "id": "Q1016"}, "target_true": {"str": "United States of America", "id": "Q30"}},
+        {"case_id": 2500, "prompt": "The capital of {} is", "subject": "Libya",
+         "target_new": {"str": "Franklin", "id": "Q1778943"}, "target_true": {"str": "Tripoli", "id": "Q3579"}}]
 
 
 def breakages():

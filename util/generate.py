@@ -56,7 +56,7 @@ def _sample_top_k(logits: torch.Tensor, top_k: int, generators) -> torch.Tensor:
     return top.indices.gather(1, picks.to(top.indices.device)[:, None]).squeeze(1)
 
 
-def _eos_ids(model, tok) -> list[int]:
+def eos_token_ids(model, tok) -> list[int]:
     config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     candidates = [tok.eos_token_id] + (config_eos if isinstance(config_eos, list) else [config_eos])
     return sorted({i for i in candidates if i is not None})
@@ -72,7 +72,7 @@ def _decode(model, tok, prompts, max_new_tokens, sampler) -> list[str]:
     empty = [i for i, n in enumerate(prompt_mask.sum(dim=1).tolist()) if n == 0]
     if empty:
         raise ValueError(f"prompts {[prompts[i] for i in empty]!r} tokenize to no tokens: nothing to continue")
-    eos_ids = _eos_ids(model, tok)
+    eos_ids = eos_token_ids(model, tok)
     continuations = [[] for _ in prompts]
     if max_new_tokens > 0:
         # A config of our own: the model's generation_config (repetition penalties, sampling flags) must not apply.

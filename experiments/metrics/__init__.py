@@ -5,20 +5,31 @@
     print(mean_scores([case["scores"] for case in cases]))     # ES/PS/NS (and S), ... as means over cases
 
 A record's kind picks its teacher-forced metrics: "cf" (CounterFact: target_new against target_true by NLL,
-ES/PS/NS/EM/PM/NM) or "zsre" (token accuracy of the answer: zsRE, KnowEdit, requests without a true target).
+ES/PS/NS/EM/PM/NM) or "zsre" (token accuracy of the answer: zsRE, KnowEdit, requests without a true target);
+"mquake" cases are asked their multi-hop questions. Whatever the kind, a record's portability_prompts and
+locality_prompts are scored too (token accuracy; with generation also greedy answers), and with
+`generation` every edit prompt gets its greedy answer (GES/GPS/GNS).
 """
 import math
 from dataclasses import dataclass
 
+from experiments.metrics.chat import with_chat_template
 from experiments.metrics.counterfact import counterfact_case_scores, counterfact_metrics_many, harmonic_mean
+from experiments.metrics.generative import (extended_case_scores, generation_metrics_many,
+                                            portability_locality_metrics_many)
+from experiments.metrics.mquake import mquake_case_scores, mquake_metrics_many
 from experiments.metrics.zsre import zsre_case_metrics, zsre_case_scores
 
-KINDS = ("cf", "zsre")
+KINDS = ("cf", "zsre", "mquake")
 MAIN_SCORES = ("ES", "PS", "NS")
+GENERATED = "generated"  # the metrics key of the greedy answers to the edit prompts (GES/GPS/GNS)
 
 
 def record_kind(record: dict) -> str:
-    """"cf" when the record has a true target to compare against and plain neighbourhood prompts, else "zsre"."""
+    """"mquake" for a case with several rewrites and multi-hop questions; "cf" when the record has a true target
+    to compare against and plain neighbourhood prompts; else "zsre"."""
+    if isinstance(record.get("requested_rewrite"), list):
+        return "mquake"
     rewrite = record.get("requested_rewrite", record)
     neighbours = record.get("neighborhood_prompts", [])
     if "target_true" in rewrite and not any(isinstance(prompt, dict) for prompt in neighbours):
@@ -28,43 +39,72 @@ def record_kind(record: dict) -> str:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """What is measured on each record: the kind's teacher-forced metrics."""
+    """What is measured on each record: the kind's teacher-forced metrics, the portability/locality prompts it
+    carries, and (generation) greedy answers; chat_template wraps every prompt in the tokenizer's chat
+    template; fewshot_prompt is MQuAKE's multi-hop prompt."""
 
     kind: str = "cf"
+    generation: bool = False
+    chat_template: bool = False
+    fewshot_prompt: str | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"evaluation kind must be one of {KINDS}, got {self.kind!r}")
+        if self.kind == "mquake" and not self.fewshot_prompt:
+            raise ValueError("MQuAKE evaluation needs its few-shot prompt (dsets.mquake.load_fewshot_prompt)")
 
-    def metrics(self, model, tok, records: list) -> list[dict]:
-        """Per record, its raw metrics (NLLs or per-token correctness) on the model as it is now, batched."""
+    def metrics(self, model, tok, records: list, pre: list | None = None) -> list[dict]:
+        """Per record, its raw metrics on the model as it is now, batched across records. `pre`: the same
+        records' metrics on the pre-edit model (locality answers unchanged or not; only with generation)."""
+        if self.kind == "mquake":
+            return mquake_metrics_many(model, tok, records, self.fewshot_prompt, chat_template=self.chat_template)
+        if self.chat_template:
+            records = [with_chat_template(record, tok) for record in records]
         if self.kind == "zsre":
-            return [zsre_case_metrics(model, tok, record) for record in records]
-        return counterfact_metrics_many(model, tok, records)
+            metrics = [zsre_case_metrics(model, tok, record) for record in records]
+        else:
+            metrics = counterfact_metrics_many(model, tok, records)
+        if any(record.get("portability_prompts") or record.get("locality_prompts") for record in records):
+            extra = portability_locality_metrics_many(model, tok, records, self.generation,
+                                                      pre=pre if self.generation and pre is not None else None)
+            metrics = [{**m, **e} for m, e in zip(metrics, extra)]
+        if self.generation:
+            generated = generation_metrics_many(model, tok, records, self.kind)
+            metrics = [{**m, GENERATED: g} for m, g in zip(metrics, generated)]
+        return metrics
 
     def scores(self, metrics: dict) -> dict:
         """One case's scores (fractions in [0, 1]) from its metrics."""
-        return zsre_case_scores(metrics) if self.kind == "zsre" else counterfact_case_scores(metrics)
+        if self.kind == "mquake":
+            return mquake_case_scores(metrics)
+        scores = zsre_case_scores(metrics) if self.kind == "zsre" else counterfact_case_scores(metrics)
+        return {**scores, **extended_case_scores({**metrics.get(GENERATED, {}), **metrics})}
 
 
-def evaluate(model, tok, records: list, kind: str | None = None) -> list[dict]:
+def evaluate(model, tok, records: list, kind: str | None = None, generation: bool = False,
+             chat_template: bool = False, fewshot_prompt: str | None = None, pre: list | None = None) -> list[dict]:
     """Every record scored on the model as it is now: [{"case_id", "metrics", "scores"}] in order.
-    kind: "cf" or "zsre"; default from the first record (record_kind)."""
+    kind: "cf", "zsre" or "mquake" (default from the first record, record_kind); generation: also greedy
+    answers (GES/GPS/GNS, portability and locality G-metrics); pre: evaluate()'s result for the same records
+    before the edit (locality answers unchanged)."""
     records = list(records)
-    evaluation = Evaluation(kind or record_kind(records[0]))
+    evaluation = Evaluation(kind or record_kind(records[0]), generation, chat_template, fewshot_prompt)
+    pre_metrics = None if pre is None else [case["metrics"] for case in pre]
     return [{"case_id": record.get("case_id"), "metrics": metrics, "scores": evaluation.scores(metrics)}
-            for record, metrics in zip(records, evaluation.metrics(model, tok, records))]
+            for record, metrics in zip(records, evaluation.metrics(model, tok, records, pre_metrics))]
 
 
-def mean_scores(case_scores: list[dict]) -> dict:
-    """The mean over cases of every score, and S = harmonic mean of mean ES, PS, NS when all three exist."""
+def mean_scores(case_scores: list[dict], with_s: bool = True) -> dict:
+    """The mean over cases of every score, and (with_s) S = harmonic mean of mean ES, PS, NS when all three
+    exist."""
     names = list(dict.fromkeys(name for scores in case_scores for name in scores))
     means = {}
     for name in names:
         values = [scores[name] for scores in case_scores if name in scores and scores[name] is not None]
         if values:
             means[name] = sum(values) / len(values)
-    if all(name in means for name in MAIN_SCORES):
+    if with_s and all(name in means for name in MAIN_SCORES):
         means["S"] = harmonic_mean([means[name] for name in MAIN_SCORES])
     return means
 

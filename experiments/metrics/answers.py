@@ -17,7 +17,8 @@ from functools import partial
 
 import torch
 
-from util.generate import _eos_ids
+from dsets.editing_eval import flatten_answers
+from util.generate import eos_token_ids
 from util.prefix_cache import PrefixCache
 from util.tokens import length_batches, prompt_token_ids, target_token_ids
 
@@ -62,15 +63,6 @@ def answer_text(continuation: str) -> str:
     """The answer a generated continuation gives (see the module docstring), without the terminator."""
     start, end = _answer_span(continuation)
     return continuation[start:end].rstrip()
-
-
-def flatten_answers(targets) -> list[str]:
-    """A target string, a list of alias strings, or KnowEdit's list of alias lists, as one flat list."""
-    if isinstance(targets, str):
-        return [targets]
-    if not isinstance(targets, (list, tuple)):
-        raise ValueError(f"targets must be a string or a list of (lists of) strings, got {targets!r}")
-    return [answer for item in targets for answer in flatten_answers(item)]
 
 
 def prefix_match(answer: str, targets) -> bool:
@@ -129,7 +121,7 @@ def greedy_continuations(model, tok, prompts, max_new_tokens, batch_size=DEFAULT
     empty = [prompt for prompt, ids in zip(distinct, prompt_ids) if not ids]
     if empty:
         raise ValueError(f"prompts {empty!r} tokenize to no tokens: nothing to continue")
-    eos_ids = set(_eos_ids(model, tok))
+    eos_ids = set(eos_token_ids(model, tok))
     texts = [None] * len(prompts)
     for rows in length_batches([len(ids) for ids in prompt_ids], batch_size):
         groups = [copies[distinct[row]] for row in rows]

@@ -7,8 +7,7 @@ them are accepted by the greedy answer. Every function batches the prompts of al
 """
 from experiments.metrics.answers import DEFAULT_BATCH_SIZE, generation_success, normalize_answer
 from experiments.metrics.counterfact import record_field, rewrite_prompt, score_targets, string_list
-from experiments.metrics.zsre import _as_question, _neighborhood
-from util.chat import MARK as CHAT_MARK
+from experiments.metrics.zsre import neighborhood_questions
 
 RECORD_KINDS = ("cf", "zsre")
 GENERATION_SCORES = (("rewrite_prompts", "GES"), ("paraphrase_prompts", "GPS"), ("neighborhood_prompts", "GNS"))
@@ -27,8 +26,7 @@ def _edit_prompts(record: dict, kind: str) -> dict:
             target_true = record_field(record, "requested_rewrite", "target_true", "str")
             groups["neighborhood_prompts"] = [(p, target_true) for p in string_list(record, "neighborhood_prompts")]
         else:
-            question = (lambda prompt: prompt) if record.get(CHAT_MARK) else _as_question  # wrapped: "?" is in
-            groups["neighborhood_prompts"] = [(question(e["prompt"]), e["target"]) for e in _neighborhood(record)]
+            groups["neighborhood_prompts"] = neighborhood_questions(record)
     return groups
 
 
@@ -78,9 +76,10 @@ def portability_locality_metrics_many(model, tok, records: list, generation: boo
     prompts = [item["prompt"] for *_, item in entries]
     answers = [item["answers"] for *_, item in entries]
     scores = score_targets(model, tok, prompts, [a[0] for a in answers], batch_size) if entries else []
-    greedy = generation_success(model, tok, prompts, answers, batch_size=batch_size,
-                                full_answers=[full_answers or section == "locality" for _, section, _, _ in entries]) \
-        if generation and entries else [{}] * len(entries)
+    greedy = [{}] * len(entries)
+    if generation and entries:
+        whole = [full_answers or section == "locality" for _, section, _, _ in entries]
+        greedy = generation_success(model, tok, prompts, answers, full_answers=whole, batch_size=batch_size)
     results = [{} for _ in records]
     for (i, section, kind, _), score, answer in zip(entries, scores, greedy):
         results[i].setdefault(section, {}).setdefault(kind, []).append(

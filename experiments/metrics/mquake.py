@@ -5,10 +5,15 @@ Each question is asked after the repository's few-shot prompt (multihop-prompts.
 as "<fewshot>\\n\\nQ: <question> A:", answered greedily and matched as in answers.prefix_match. The
 new_single_hops (the chain of facts after the edit) are asked the same way, one question each.
 """
+from dsets.editing_eval import flatten_answers
 from experiments.metrics.answers import (
-    DEFAULT_BATCH_SIZE, answer_text, default_max_new_tokens, flatten_answers, greedy_continuations, prefix_match,
+    DEFAULT_BATCH_SIZE,
+    answer_text,
+    default_max_new_tokens,
+    greedy_continuations,
+    prefix_match,
 )
-from util.chat import chat_prompt
+from experiments.metrics.chat import chat_prompt
 
 QUESTION_FORMAT = "{fewshot}\n\nQ: {question} A:"
 

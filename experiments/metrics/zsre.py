@@ -28,8 +28,18 @@ def _neighborhood(record: dict) -> list[dict]:
     return entries
 
 
-def _as_question(prompt: str) -> str:
+CHAT_MARK = "chat_template"  # set on records whose prompts a chat template wrapped (experiments.metrics.chat)
+
+
+def as_question(prompt: str) -> str:
     return prompt if prompt.rstrip().endswith("?") else prompt + "?"
+
+
+def neighborhood_questions(record: dict) -> list[tuple[str, str]]:
+    """(question, answer) of each NQ neighbourhood prompt, "?" appended as the references do (a chat-wrapped
+    record has it inside its template already)."""
+    wrapped = record.get(CHAT_MARK)
+    return [(e["prompt"] if wrapped else as_question(e["prompt"]), e["target"]) for e in _neighborhood(record)]
 
 
 def zsre_case_metrics(model, tok, record: dict, batch_size=DEFAULT_BATCH_SIZE) -> dict:
@@ -39,7 +49,7 @@ def zsre_case_metrics(model, tok, record: dict, batch_size=DEFAULT_BATCH_SIZE) -
     if "paraphrase_prompts" in record:
         groups["paraphrase_prompts"] = [(p, target_new) for p in string_list(record, "paraphrase_prompts")]
     if "neighborhood_prompts" in record:
-        groups["neighborhood_prompts"] = [(_as_question(e["prompt"]), e["target"]) for e in _neighborhood(record)]
+        groups["neighborhood_prompts"] = neighborhood_questions(record)
 
     pairs = [pair for group in groups.values() for pair in group]
     scores = iter(score_targets(model, tok, [p for p, _ in pairs], [t for _, t in pairs], batch_size))

@@ -6,12 +6,11 @@ template that writes the BOS itself would then get a second one, so that written
 """
 import copy
 
-from experiments.metrics.zsre import _as_question
+from experiments.metrics.zsre import CHAT_MARK as MARK, as_question
 from util.checks import check_prompt_template
 from util.errors import InputError
 
 FLAG = "--chat_template"
-MARK = "chat_template"  # set on wrapped records
 
 
 def chat_prompt(tok, prompt: str) -> str:
@@ -46,7 +45,7 @@ def with_chat_template(record: dict, tok) -> dict:
         wrapped["paraphrase_prompts"] = [chat_prompt(tok, p) for p in wrapped["paraphrase_prompts"]]
     if isinstance(wrapped.get("neighborhood_prompts"), list):
         wrapped["neighborhood_prompts"] = [
-            {**n, "prompt": chat_prompt(tok, _as_question(n["prompt"]))} if isinstance(n, dict) else chat_prompt(tok, n)
+            {**n, "prompt": chat_prompt(tok, as_question(n["prompt"]))} if isinstance(n, dict) else chat_prompt(tok, n)
             for n in wrapped["neighborhood_prompts"]]
     for key in ("portability_prompts", "locality_prompts"):
         for items in wrapped.get(key, {}).values():
