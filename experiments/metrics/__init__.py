@@ -51,13 +51,13 @@ class Evaluation:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"evaluation kind must be one of {KINDS}, got {self.kind!r}")
-        if self.kind == "mquake" and not self.fewshot_prompt:
-            raise ValueError("MQuAKE evaluation needs its few-shot prompt (dsets.mquake.load_fewshot_prompt)")
 
     def metrics(self, model, tok, records: list, pre: list | None = None) -> list[dict]:
         """Per record, its raw metrics on the model as it is now, batched across records. `pre`: the same
         records' metrics on the pre-edit model (locality answers unchanged or not; only with generation)."""
         if self.kind == "mquake":
+            if not self.fewshot_prompt:
+                raise ValueError("MQuAKE evaluation needs its few-shot prompt (dsets.mquake.load_fewshot_prompt)")
             return mquake_metrics_many(model, tok, records, self.fewshot_prompt, chat_template=self.chat_template)
         if self.chat_template:
             records = [with_chat_template(record, tok) for record in records]
