@@ -13,6 +13,8 @@ Sections (pick with --only):
   targets  keyvals.compute_targets for 4 CounterFact requests, optimised together vs one at a time.
   eval     CounterFact case metrics (rewrite, paraphrase and neighbourhood prompts, both targets) with shared
            prompt prefixes vs the baseline (every prompt + target row), per case, and the largest NLL difference.
+  generation  greedy answers to every prompt of 10 CounterFact cases (GES/GPS/GNS) against their teacher-forced
+           scoring, per case: answers stopped once their match is decided (the CLI's way) and full answers.
   e2e      a CounterFact run with EMMET (hparams/EMMET/smollm2-135m.json) at batch 1 and 8: per case, evaluation
            before and after plus the edit: neither prefix cache (the baseline), the engine called directly
            (distribute.apply_to_model) and the Editor (as the CLI runs it); the time per phase (templates,
@@ -52,7 +54,7 @@ from util.globals import REPO_ROOT
 from util.io import read_json
 from util.models import load_model, model_identity
 
-SECTIONS = ("stats", "multilayer", "solver", "targets", "prefix", "eval", "e2e")
+SECTIONS = ("stats", "multilayer", "solver", "targets", "prefix", "eval", "generation", "e2e")
 # A timed call is repeated (up to --repeats) only while the runs so far took less than this in total.
 REPEAT_BUDGET_S = 1.0
 # Real CounterFact cases (ROME schema: `prompt` holds "{}" for the subject); case ids 0, 13, 18, 70.
@@ -371,6 +373,25 @@ def bench_eval(model, tok, args) -> None:
                 "baseline = every prompt + target row", ["mode", "s/case", "speed-up", "max NLL rel diff"], rows)
 
 
+def bench_generation(model, tok, args) -> None:
+    """Generation-based scoring (greedy answers to every rewrite, paraphrase and neighbourhood prompt) against the
+    teacher-forced scoring of the same CounterFact cases, per case: answers stopped once decided (the default)
+    and full answers."""
+    from experiments.metrics.counterfact import counterfact_metrics_many
+    from experiments.metrics.generative import generation_metrics_many
+
+    records = rome_schema_records(args.data_dir, args.eval_cases)
+    modes = {"teacher-forced (counterfact_metrics_many)": lambda: counterfact_metrics_many(model, tok, records),
+             "generated, stopped once decided": lambda: generation_metrics_many(model, tok, records, "cf"),
+             "generated, full answers": lambda: generation_metrics_many(model, tok, records, "cf",
+                                                                        full_answers=True)}
+    seconds = {label: best_time(args.repeats, run)[1] for label, run in modes.items()}
+    base = next(iter(seconds.values()))
+    print_table(f"generation: scoring {len(records)} ROME-schema CounterFact cases (13 prompts each), per case",
+                ["mode", "s/case", "x teacher-forced"], [[label, t / len(records), t / base]
+                                                          for label, t in seconds.items()])
+
+
 def rome_schema_records(data_dir: str, n: int) -> list:
     """The first n CounterFact records of the ROME-schema copy (2 paraphrases, 10 neighbourhood prompts)."""
     from dsets import load_records
@@ -458,7 +479,7 @@ def main(argv=None):
           f"thread(s); all figures measured in this run")
     try:
         model = tok = None
-        if {"stats", "multilayer", "targets", "prefix", "eval", "e2e"} & set(args.only):
+        if {"stats", "multilayer", "targets", "prefix", "eval", "generation", "e2e"} & set(args.only):
             model, tok = load_model(args.model, device=args.device)
         if "stats" in args.only:
             bench_stats(model, tok, args)
@@ -472,6 +493,8 @@ def main(argv=None):
             bench_prefix(model, tok, args)
         if "eval" in args.only:
             bench_eval(model, tok, args)
+        if "generation" in args.only:
+            bench_generation(model, tok, args)
         if "e2e" in args.only:
             bench_e2e(model, tok, args)
     except (ValueError, RuntimeError, OSError) as error:  # bad input: a message, not a traceback

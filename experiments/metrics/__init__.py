@@ -95,6 +95,30 @@ def evaluate(model, tok, records: list, kind: str | None = None, generation: boo
             for record, metrics in zip(records, evaluation.metrics(model, tok, records, pre_metrics))]
 
 
+def easyedit_records(prompts, target_new, subject, ground_truth=None, rephrase_prompts=None, locality_inputs=None,
+                     portability_inputs=None) -> list[dict]:
+    """Evaluation records for requests in EasyEdit's form (what `Editor.edit(prompts=..., ...)` takes), so that
+    `evaluate` scores them: rephrase_prompts (one per prompt) are the paraphrases; locality_inputs and
+    portability_inputs, EasyEdit's {name: {"prompt": [one per request], "ground_truth": [one per request]}},
+    become each record's locality_prompts / portability_prompts under that name. With ground_truth the
+    records are CounterFact-like (new against true target by NLL), else scored by token accuracy."""
+    from algs.requests import as_requests
+    from dsets.editing_eval import evaluation_prompt
+
+    requests = as_requests(prompts=prompts, target_new=target_new, subject=subject, ground_truth=ground_truth,
+                           where="easyedit_records")
+    records = [{"case_id": i, "requested_rewrite": request} for i, request in enumerate(requests)]
+    if rephrase_prompts is not None:
+        for record, rephrase in zip(records, [rephrase_prompts] if isinstance(rephrase_prompts, str) else
+                                    rephrase_prompts):
+            record["paraphrase_prompts"] = [rephrase] if isinstance(rephrase, str) else list(rephrase)
+    for key, inputs in (("locality_prompts", locality_inputs), ("portability_prompts", portability_inputs)):
+        for name, columns in (inputs or {}).items():
+            for i, (prompt, answer) in enumerate(zip(columns["prompt"], columns["ground_truth"])):
+                records[i].setdefault(key, {})[name] = [evaluation_prompt(prompt, answer, f"{key[:-8]} {name!r} {i}")]
+    return records
+
+
 def mean_scores(case_scores: list[dict], with_s: bool = True) -> dict:
     """The mean over cases of every score, and (with_s) S = harmonic mean of mean ES, PS, NS when all three
     exist."""
