@@ -222,10 +222,10 @@ class _CachedRows:
         return logits, tr[self.target_module].output
 
 
-def _optimise_targets(model, tok, target_module, requests, templates, hp, prefix_cache=True) -> TargetResult:
-    """prefix_cache=False: the baseline, every token of every row at every step (same targets up to float
-    rounding; tests compare the two)."""
-    flat_templates = [t for group in templates for t in group]
+def _target_sequences(tok, requests, flat_templates, fact_token):
+    """The rows of the optimisation: every template × request with its target (teacher forced), then one KL prompt
+    "{subject} is a" per request. Returns (token ids, subject position, owning request) per row, the label span
+    (first predicting position, target ids) of each rewrite row and the indices of the KL rows."""
     sequences, lookup, owner, label_spans, kl_rows = [], [], [], [], []
     for j, request in enumerate(requests):
         target_ids = target_token_ids(tok, request["target_new"]["str"])
@@ -233,24 +233,36 @@ def _optimise_targets(model, tok, target_module, requests, templates, hp, prefix
             prompt = _fill(t, request)
             prompt_ids = prompt_token_ids(tok, prompt.format(request["subject"]))
             sequences.append(prompt_ids + target_ids[:-1])
-            lookup.append(subject_token_index(tok, prompt, request["subject"], hp.fact_token))
+            lookup.append(subject_token_index(tok, prompt, request["subject"], fact_token))
             owner.append(j)
             label_spans.append((len(prompt_ids) - 1, target_ids))
     for j, request in enumerate(requests):  # KL prompts: "{subject} is a", one per request
         kl_template = "{} is a"
         kl_rows.append(len(sequences))
         sequences.append(prompt_token_ids(tok, kl_template.format(request["subject"])))
-        lookup.append(subject_token_index(tok, kl_template, request["subject"], hp.fact_token))
+        lookup.append(subject_token_index(tok, kl_template, request["subject"], fact_token))
         owner.append(j)
+    return sequences, lookup, owner, label_spans, kl_rows
 
-    device = model.device
-    rows = (_CachedRows if prefix_cache else _FullRows)(model, tok, sequences, lookup, target_module)
-    if prefix_cache and (not rows.prefix.available or model.get_output_embeddings() is None):
-        # a model that keeps no key/value cache, or whose logits cannot be restricted to some positions
-        rows = _FullRows(model, tok, sequences, lookup, target_module)
-    cached = isinstance(rows, _CachedRows)
-    n_req, n_rewrite = len(requests), len(requests) * len(flat_templates)
-    owner_t = torch.tensor(owner, device=device)
+
+@dataclass
+class _ReadPlan:
+    """Where the optimisation reads logits: the label positions of the rewrite rows and the subject of the KL
+    rows. keep[r] lists row r's positions (padded with its first); label_col / kl_col say where each read is."""
+
+    owner: torch.Tensor
+    label_rows: torch.Tensor
+    label_ids: torch.Tensor
+    label_col: torch.Tensor
+    tokens_per_row: torch.Tensor
+    kl_rows: torch.Tensor
+    kl_col: torch.Tensor
+    keep: torch.Tensor
+    bare_rows: torch.Tensor
+    bare_pos: torch.Tensor
+
+
+def _read_plan(rows, n_templates, n_sequences, lookup, owner, label_spans, kl_rows, device) -> _ReadPlan:
     label_rows, label_pos, label_ids = [], [], []
     for row, (first, ids) in enumerate(label_spans):
         label_rows += [row] * len(ids)
@@ -258,25 +270,40 @@ def _optimise_targets(model, tok, target_module, requests, templates, hp, prefix
         label_ids += ids
     label_rows, label_pos, label_ids = (torch.tensor(x, device=device) for x in (label_rows, label_pos, label_ids))
     label_pos = label_pos - rows.offsets[label_rows]
-    tokens_per_row = torch.tensor([len(ids) for _, ids in label_spans], device=device, dtype=torch.float32)
     kl_rows_t = torch.tensor(kl_rows, device=device)
     kl_pos = torch.tensor([lookup[r] for r in kl_rows], device=device) - rows.offsets[kl_rows_t]
-    # Logits are read only at the label positions of the rewrite rows and the subject of the KL rows: keep[r]
-    # lists row r's positions (padded with its first); label_col / kl_col say where each read is in it.
-    needed = [[] for _ in sequences]
+    needed = [[] for _ in range(n_sequences)]
     label_col = torch.tensor([_column(needed[r], p) for r, p in zip(label_rows.tolist(), label_pos.tolist())],
                              device=device)
     kl_col = torch.tensor([_column(needed[r], p) for r, p in zip(kl_rows, kl_pos.tolist())], device=device)
     width = max(len(positions) for positions in needed)
     keep = torch.tensor([positions + positions[:1] * (width - len(positions)) for positions in needed], device=device)
-    bare_rows = torch.arange(n_req, device=device) * len(flat_templates)  # template 0 is "{}"
+    bare_rows = torch.arange(len(kl_rows), device=device) * n_templates  # template 0 is "{}"
     bare_pos = torch.tensor([lookup[r] for r in bare_rows.tolist()], device=device) - rows.offsets[bare_rows]
+    return _ReadPlan(torch.tensor(owner, device=device), label_rows, label_ids, label_col,
+                     torch.tensor([len(ids) for _, ids in label_spans], device=device, dtype=torch.float32),
+                     kl_rows_t, kl_col, keep, bare_rows, bare_pos)
+
+
+def _optimise_targets(model, tok, target_module, requests, templates, hp, prefix_cache=True) -> TargetResult:
+    """prefix_cache=False: the baseline, every token of every row at every step (same targets up to float
+    rounding; tests compare the two)."""
+    flat_templates = [t for group in templates for t in group]
+    sequences, lookup, owner, label_spans, kl_rows = _target_sequences(tok, requests, flat_templates, hp.fact_token)
+    device = model.device
+    rows = (_CachedRows if prefix_cache else _FullRows)(model, tok, sequences, lookup, target_module)
+    if prefix_cache and (not rows.prefix.available or model.get_output_embeddings() is None):
+        # a model that keeps no key/value cache, or whose logits cannot be restricted to some positions
+        rows = _FullRows(model, tok, sequences, lookup, target_module)
+    cached = isinstance(rows, _CachedRows)
+    n_req, n_rewrite = len(requests), len(requests) * len(flat_templates)
+    plan = _read_plan(rows, len(flat_templates), len(sequences), lookup, owner, label_spans, kl_rows, device)
     all_rows = torch.arange(len(sequences), device=device)
 
     with torch.no_grad():
-        logits, target_output = rows.forward(all_rows, keep)
-    initial = at_least_float32(target_output[bare_rows, bare_pos])
-    kl_init = torch.log_softmax(logits[kl_rows_t, kl_col].float(), -1)
+        logits, target_output = rows.forward(all_rows, plan.keep)
+    initial = at_least_float32(target_output[plan.bare_rows, plan.bare_pos])
+    kl_init = torch.log_softmax(logits[plan.kl_rows, plan.kl_col].float(), -1)
     max_norms = hp.clamp_norm_factor * initial.norm(dim=1)
 
     delta = torch.zeros_like(initial, requires_grad=True)
@@ -289,35 +316,30 @@ def _optimise_targets(model, tok, target_module, requests, templates, hp, prefix
     with frozen(model):
         for step in range(hp.v_num_grad_steps):
             # The baseline runs every row; the cached path only the rows of requests still optimised.
-            present = all_rows if not cached else all_rows[active[owner_t]]
+            present = all_rows if not cached else all_rows[active[plan.owner]]
             slot = torch.full((len(sequences),), -1, dtype=torch.long, device=device)
             slot[present] = torch.arange(len(present), device=device)
-            logits, _ = rows.forward(present, keep[present], delta[owner_t[present]])
-            labels = active[owner_t[label_rows]] if cached else torch.ones_like(label_rows, dtype=torch.bool)
-            log_probs = torch.log_softmax(logits[slot[label_rows[labels]], label_col[labels]].float(), -1)
-            token_nll = -log_probs.gather(1, label_ids[labels][:, None])[:, 0]
-            row_nll = torch.zeros(n_rewrite, device=device).index_add(0, label_rows[labels], token_nll) / tokens_per_row
+            logits, _ = rows.forward(present, plan.keep[present], delta[plan.owner[present]])
+            labels = active[plan.owner[plan.label_rows]] if cached else torch.ones_like(plan.label_rows,
+                                                                                       dtype=torch.bool)
+            log_probs = torch.log_softmax(logits[slot[plan.label_rows[labels]], plan.label_col[labels]].float(), -1)
+            token_nll = -log_probs.gather(1, plan.label_ids[labels][:, None])[:, 0]
+            row_nll = torch.zeros(n_rewrite, device=device).index_add(
+                0, plan.label_rows[labels], token_nll) / plan.tokens_per_row
             nll = row_nll.view(n_req, len(flat_templates)).mean(1)
             kl_present = active if cached else torch.ones_like(active)
-            kl_now = torch.log_softmax(logits[slot[kl_rows_t[kl_present]], kl_col[kl_present]].float(), -1)
+            kl_now = torch.log_softmax(logits[slot[plan.kl_rows[kl_present]], plan.kl_col[kl_present]].float(), -1)
             kl = torch.zeros(n_req, device=device).index_put(
                 (torch.nonzero(kl_present).flatten(),),
                 hp.kl_factor * (kl_now.exp() * (kl_now - kl_init[kl_present])).sum(-1))
             weight_decay = hp.v_weight_decay * delta.norm(dim=1) / initial.norm(dim=1) ** 2
             loss = nll + kl + weight_decay
             with torch.no_grad():
-                all_argmax = _all_targets_argmax(log_probs, label_ids[labels], label_rows[labels], owner_t, n_req)
+                all_argmax = _all_targets_argmax(log_probs, plan.label_ids[labels], plan.label_rows[labels],
+                                                 plan.owner, n_req)
                 argmax_streak = torch.where(all_argmax, argmax_streak + 1, torch.zeros_like(argmax_streak))
                 mpes_stop = _mpes_stop(hp.prob_cutoff, argmax_streak, row_nll, n_req, len(flat_templates))
-            for j in torch.nonzero(active).flatten().tolist():
-                info[j].update(updates=step, loss=loss[j].item(), nll=nll[j].item(), kl=kl[j].item(),
-                               weight_decay=weight_decay[j].item())
-                if all_argmax[j] and info[j]["first_argmax_step"] is None:
-                    info[j]["first_argmax_step"] = step
-                if mpes_stop[j]:
-                    info[j]["stopped_by"] = "mpes"
-                elif loss[j] < EARLY_STOP_LOSS:
-                    info[j]["stopped_by"] = "loss"
+            _note_step(info, active, step, loss, nll, kl, weight_decay, all_argmax, mpes_stop)
             active &= (loss.detach() >= EARLY_STOP_LOSS) & ~mpes_stop
             if step == hp.v_num_grad_steps - 1 or not active.any():
                 break
@@ -331,6 +353,19 @@ def _optimise_targets(model, tok, target_module, requests, templates, hp, prefix
                 scale = torch.where(norms > max_norms, max_norms / norms.clamp_min(1e-12), torch.ones_like(norms))
                 delta.mul_(scale[:, None])
     return TargetResult(initial + delta.detach(), initial, info)
+
+
+def _note_step(info, active, step, loss, nll, kl, weight_decay, all_argmax, mpes_stop) -> None:
+    """Each still-optimised request's losses after `step`, its first all-argmax step and why it stops."""
+    for j in torch.nonzero(active).flatten().tolist():
+        info[j].update(updates=step, loss=loss[j].item(), nll=nll[j].item(), kl=kl[j].item(),
+                       weight_decay=weight_decay[j].item())
+        if all_argmax[j] and info[j]["first_argmax_step"] is None:
+            info[j]["first_argmax_step"] = step
+        if mpes_stop[j]:
+            info[j]["stopped_by"] = "mpes"
+        elif loss[j] < EARLY_STOP_LOSS:
+            info[j]["stopped_by"] = "loss"
 
 
 def _column(positions: list, position: int) -> int:

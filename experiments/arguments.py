@@ -96,6 +96,14 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--continue_from_run", default=None, metavar="run_XXX",
                         help="go on with an interrupted run in <results_dir>/<ALG>/run_XXX: finished batches are "
                              "kept, the others redone; every flag that changes results must be the same as before")
+    add_evaluation_flags(parser)
+    add_runtime_flags(parser)
+    add_lifelong_flags(parser)
+    return parser
+
+
+def add_evaluation_flags(parser) -> None:
+    """What is scored besides the teacher-forced metrics."""
     add_bool(parser, "--generation_metrics",
              "also score what the model says (SPEC §11): greedy answers to every prompt, normalised prefix match "
              "against the target (GES/GPS/GNS, and the G-metric of every portability and locality prompt), in pre, "
@@ -107,6 +115,10 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--generation_test_interval", type=int, default=1,
                         help="run the generation tests on every N-th case in dataset order (CounterFact only); "
                              "N <= 0 means never (default 1: every case)")
+
+
+def add_runtime_flags(parser) -> None:
+    """Where and how the run goes: devices, precision, folders, statistics."""
     add_bool(parser, "--conserve_memory",
              "save GPU memory: keep the saved original weights, C0, its factors and the float64 solve on the CPU "
              "(default: on the device of each edited matrix)")
@@ -141,6 +153,10 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                         help="read C0 from the ROME/MEMIT/EasyEdit/AlphaEdit .npz second-moment files in this folder "
                              "(<model>/<ds>_stats/<module>_<dtype>_mom2_<n>.npz) or this file instead of computing "
                              "it; the file, its sha256 and count go into params.json")
+
+
+def add_lifelong_flags(parser) -> None:
+    """Sequential (lifelong) runs: retention, model health, saved models."""
     lifelong_flags = parser.add_argument_group(
         "sequential (lifelong) editing", "need --sequential; every case also gets a 'final' score on the model "
         "after the last batch, and weight_norms.jsonl gets one line per batch")
@@ -167,7 +183,6 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
              "edits.json) into the run dir as edited_model_<edits>edits/")
     lifelong_flags.add_argument("--model_save_interval", type=non_negative_int, default=0, metavar="N",
                                 help="also save the edited model every N edits (default 0: never)")
-    return parser
 
 
 def parse_args(argv: list, description: str | None = None) -> tuple[argparse.Namespace, bool]:

@@ -152,3 +152,14 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def stats_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("stats")
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    """A WikiText-style corpus file (tests/test_second_moment.wikitext_corpus)."""
+    from tests.test_second_moment import wikitext_corpus
+
+    path = tmp_path / "corpus" / "wiki.txt"
+    path.parent.mkdir()
+    path.write_text(wikitext_corpus())
+    return path

@@ -9,22 +9,9 @@ from safetensors import safe_open
 from experiments import evaluate_unified_editing as cli
 from experiments.metrics.counterfact import counterfact_case_metrics
 from experiments.run_store import CHECKPOINT_FILE
-from tests.cli_workspace import (
-    CASE_KEYS,
-    D_MLP,
-    EDIT_LAYER,
-    MULTIPLIER,
-    N_CASES,
-    NUM_EDITS,
-    PARAMS_KEYS,
-    REWRITE_MODULE,
-    argv_for,
-    nlls,
-    read_cases,
-    run_and_kill,
-    run_capturing_model,
-    write_hparams,
-)
+from tests.cli_workspace import (CASE_KEYS, D_MLP, EDIT_LAYER, MULTIPLIER, N_CASES, NUM_EDITS, PARAMS_KEYS,
+                                 REWRITE_MODULE, argv_for, nlls, read_cases, run_and_kill, run_capturing_model,
+                                 write_hparams)
 from util.globals import REPO_ROOT
 from util.io import read_json
 from util.models import load_model

@@ -34,8 +34,8 @@ def knowedit_records(ws) -> list:
         rewrite = record["requested_rewrite"]
         records.append({"subject": rewrite["subject"], "prompt": rewrite["prompt"].format(rewrite["subject"]),
                         "target_new": rewrite["target_new"]["str"], "portability": {},
-                        "locality": {"Relation_Specificity": [
-                            {"prompt": f"The birthplace of {rewrite['subject']} is", "ground_truth": [["Paris", "Lutetia"]]}]}})
+                        "locality": {"Relation_Specificity": [{"prompt": f"The birthplace of {rewrite['subject']} is",
+                                                               "ground_truth": [["Paris", "Lutetia"]]}]}})
     return records
 
 

@@ -201,7 +201,8 @@ def test_dataset_names_match_exactly(tmp_path):
     with pytest.raises(DatasetNotFound, match="multi_counterfact.json"):
         load_records("mcf", tmp_path)  # never falls back to the single-edit file
     for bad in ("c", "CF", "mcf ", "counterfact"):
-        with pytest.raises(ValueError, match="valid names: cf, knowedit_counterfact, knowedit_recent, knowedit_zsre, mcf, mquake, zsre"):
+        with pytest.raises(ValueError, match="valid names: cf, knowedit_counterfact, knowedit_recent, knowedit_zsre, "
+                                             "mcf, mquake, zsre"):
             load_records(bad, tmp_path)
 
 

@@ -14,16 +14,8 @@ from experiments import summarize
 from experiments.metrics import Evaluation
 from experiments.metrics.counterfact import counterfact_case_metrics, counterfact_case_scores
 from experiments.run_store import WEIGHT_NORMS_FILE, read_jsonl
-from tests.cli_workspace import (
-    N_CASES,
-    NUM_EDITS,
-    REWRITE_MODULE,
-    argv_for,
-    nlls,
-    read_cases,
-    run_and_kill,
-    run_capturing_model,
-)
+from tests.cli_workspace import (N_CASES, NUM_EDITS, REWRITE_MODULE, argv_for, nlls, read_cases, run_and_kill,
+                                 run_capturing_model)
 from util.io import read_json
 from util.models import load_model
 

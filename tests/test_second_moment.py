@@ -35,14 +35,6 @@ def wikitext_corpus(n_articles=8, seed=0):
     return "".join(parts)
 
 
-@pytest.fixture
-def corpus_file(tmp_path):
-    path = tmp_path / "corpus" / "wiki.txt"
-    path.parent.mkdir()
-    path.write_text(wikitext_corpus())
-    return path
-
-
 def tiny(arch, tok):
     return make_tiny_model(arch, tok, d_mlp=D_MLP).double()
 

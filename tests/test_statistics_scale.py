@@ -21,27 +21,13 @@ from algs.state import EditState
 from algs.stats_accumulate import DEFAULT_BATCH_TOKENS, _batches
 from algs.stats_corpus import sample_token_ids, split_articles
 from tests.conftest import make_tiny_model
-from tests.test_second_moment import (
-    D_MLP,
-    MAX_POSITIONS,
-    count_forwards,
-    rel_err,
-    wikitext_corpus,
-)
+from tests.test_second_moment import D_MLP, MAX_POSITIONS, count_forwards, rel_err
 from util.errors import InputError
 from util.tracing import run_until, trace_modules
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA = "model.layers.{}.mlp.down_proj"
 MODEL_ID = "tiny/model"
-
-
-@pytest.fixture
-def corpus_file(tmp_path):
-    path = tmp_path / "corpus" / "wiki.txt"
-    path.parent.mkdir()
-    path.write_text(wikitext_corpus())
-    return path
 
 
 @pytest.fixture
