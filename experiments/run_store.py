@@ -133,7 +133,10 @@ class RunStore:
         self.params = {**{key: value for key, value in self.params.items() if key not in STOP_KEYS},
                        "status": "running", "resumed_at": self.params.get("resumed_at", []) + [utc_now()]}
         for leftover in self.run_dir.glob(".*.tmp*"):
-            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+            if leftover.is_dir():
+                shutil.rmtree(leftover)
+            else:
+                leftover.unlink()
         remove_temp_leftovers(self.run_dir)
         self.write_params()
 
