@@ -11,6 +11,7 @@ import pytest
 
 from algs import get_algorithm
 from algs.distribute import orig_weights, put_weights
+from algs.requests import request_of
 from dsets import CounterFactDataset
 from experiments.metrics.counterfact import counterfact_case_metrics, counterfact_case_scores
 from tests.conftest import shared_path
@@ -26,7 +27,7 @@ ROME_TEMPLATES_FOR_CI = [[5, 2], [10, 2]]
 def cases(monkeypatch_module):
     monkeypatch_module.setenv("KE_NO_DOWNLOAD", "1")
     records = list(CounterFactDataset(data_dir=shared_path("data"), size=N_CASES))
-    return records, [{"case_id": r["case_id"], **r["requested_rewrite"]} for r in records]
+    return records, [request_of(r) for r in records]
 
 
 @pytest.fixture(scope="module")
