@@ -10,18 +10,15 @@ from transformers import AutoModelForCausalLM
 import algs
 from algs import Editor
 from algs.requests import as_requests
-from tests.test_engine import EDIT_LAYER, EDIT_REQUESTS, N_LAYER, TEMPLATE_LENGTHS, editable_model, preference_margin
+from tests.test_engine import EDIT_LAYER, EDIT_REQUESTS, editable_model, preference_margin, tiny_hparams
 from util.errors import InputError
 from util.io import read_json
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def hparams(corpus, **overrides) -> dict:
-    return {"layers": [1, EDIT_LAYER], "v_num_grad_steps": 6, "v_lr": 0.5, "v_loss_layer": N_LAYER - 1,
-            "v_weight_decay": 1e-3, "clamp_norm_factor": 10.0, "kl_factor": 0.0625,
-            "context_template_length_params": TEMPLATE_LENGTHS, "mom2_dataset": str(corpus), "dynamic": True,
-            "dynamic_multiplier": 8, "mom2_update_weight": 100.0, **overrides}
+def hparams(corpus, layers=(1, EDIT_LAYER), **overrides) -> dict:
+    return tiny_hparams(corpus, list(layers), 100.0, **overrides)
 
 
 @pytest.fixture(scope="module")

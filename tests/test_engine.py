@@ -64,6 +64,14 @@ def editable_model(arch, tok, **sizes):
     return model
 
 
+def tiny_hparams(corpus, layers, mom2_update_weight, dynamic_multiplier=8, **overrides) -> dict:
+    """Hparams of a short edit of an editable_model: 6 Adam steps, FastMEMIT C0 from the local corpus."""
+    return {"layers": layers, "v_num_grad_steps": 6, "v_lr": 0.5, "v_loss_layer": N_LAYER - 1,
+            "v_weight_decay": 1e-3, "clamp_norm_factor": 10.0, "kl_factor": 0.0625,
+            "context_template_length_params": TEMPLATE_LENGTHS, "mom2_dataset": str(corpus), "dynamic": True,
+            "dynamic_multiplier": dynamic_multiplier, "mom2_update_weight": mom2_update_weight, **overrides}
+
+
 @pytest.fixture(scope="module")
 def editable_models(embedded_tokenizer):
     return {arch: editable_model(arch, embedded_tokenizer) for arch in ARCHS}

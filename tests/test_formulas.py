@@ -23,7 +23,7 @@ from transformers.pytorch_utils import Conv1D
 
 from algs import Editor, algorithm, keyvals
 from algs.distribute import second_moments_for
-from tests.test_engine import N_LAYER, TEMPLATE_LENGTHS, editable_model
+from tests.test_engine import TEMPLATE_LENGTHS, editable_model, tiny_hparams
 from util.arch import get_module, module_names
 
 F64 = torch.float64
@@ -47,11 +47,8 @@ def relative_error(a, b) -> float:
     return (torch.linalg.norm(a - b) / torch.linalg.norm(b)).item()
 
 
-def base_hparams(corpus, layers, **overrides) -> dict:
-    return {"layers": layers, "v_num_grad_steps": 6, "v_lr": 0.5, "v_loss_layer": N_LAYER - 1,
-            "v_weight_decay": 1e-3, "clamp_norm_factor": 10.0, "kl_factor": 0.0625,
-            "context_template_length_params": TEMPLATE_LENGTHS, "mom2_dataset": str(corpus), "dynamic": True,
-            "dynamic_multiplier": 8, "mom2_update_weight": LAMBDA, **overrides}
+def base_hparams(corpus, layers, mom2_update_weight=LAMBDA, **overrides) -> dict:
+    return tiny_hparams(corpus, layers, mom2_update_weight, **overrides)
 
 
 @pytest.fixture(scope="module")

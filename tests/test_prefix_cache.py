@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from algs import get_algorithm, keyvals
-from tests.test_engine import EDIT_LAYER, EDIT_REQUESTS, N_LAYER, TEMPLATE_LENGTHS, editable_model
+from tests.test_engine import EDIT_LAYER, EDIT_REQUESTS, N_LAYER, TEMPLATE_LENGTHS, editable_model, tiny_hparams
 from util.arch import module_names
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -69,11 +69,8 @@ def test_edit_through_either_path_writes_the_same_update(embedded_tokenizer, tmp
     corpus.write_text("\n\n".join(" ".join(f"word{(i * 7 + j) % 97} and text {j}." for j in range(20))
                                   for i in range(60)))
     model = editable_model("llama", tok)
-    hp = get_algorithm("EMMET")[0].from_dict({
-        "layers": [EDIT_LAYER], "v_num_grad_steps": 6, "v_lr": 0.5, "v_loss_layer": N_LAYER - 1,
-        "v_weight_decay": 1e-3, "clamp_norm_factor": 10.0, "kl_factor": 0.0625,
-        "context_template_length_params": TEMPLATE_LENGTHS, "mom2_dataset": str(corpus), "dynamic": True,
-        "dynamic_multiplier": 4, "mom2_update_weight": 100.0})
+    hp = get_algorithm("EMMET")[0].from_dict(
+        tiny_hparams(corpus, [EDIT_LAYER], 100.0, dynamic_multiplier=4))
     original = orig_weights(model, hp)
     deltas = {}
     for cached in (False, True):

@@ -10,7 +10,7 @@ import torch
 
 from algs import Editor, algorithm
 from algs.regularisers import prune_singular_values, rect_filter
-from tests.test_engine import EDIT_REQUESTS, N_LAYER, TEMPLATE_LENGTHS, editable_model
+from tests.test_engine import EDIT_REQUESTS, editable_model, tiny_hparams
 from util.arch import get_module, module_names
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -90,11 +90,8 @@ def test_rect_count_is_exact_when_fraction_times_numel_is_an_integer():
 
 # ---------------------------------------------------------------- whole edits
 
-def hparams(corpus, **overrides) -> dict:
-    return {"layers": [1, 2], "v_num_grad_steps": 6, "v_lr": 0.5, "v_loss_layer": N_LAYER - 1,
-            "v_weight_decay": 1e-3, "clamp_norm_factor": 10.0, "kl_factor": 0.0625,
-            "context_template_length_params": TEMPLATE_LENGTHS, "mom2_dataset": str(corpus), "dynamic": True,
-            "dynamic_multiplier": 8, "mom2_update_weight": 1.0, **overrides}
+def hparams(corpus, layers=(1, 2), **overrides) -> dict:
+    return tiny_hparams(corpus, list(layers), 1.0, **overrides)
 
 
 @pytest.fixture(scope="module")
