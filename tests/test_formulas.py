@@ -70,8 +70,9 @@ def add_out_in(module, delta) -> None:
         module.weight += (delta.T if isinstance(module, Conv1D) else delta).to(module.weight.dtype)
 
 
-def inv(M):
-    return torch.linalg.inv(M)
+def times_inverse(B, M):
+    """B M⁻¹ by a float64 solve (Mᵀ X = Bᵀ), never an explicit inverse."""
+    return torch.linalg.solve(M.T, B.T).T
 
 
 def eye(n):
@@ -102,19 +103,19 @@ class DenseReference:
         lam, u = hp.mom2_update_weight, hp.update_norm_lambda
         prev = S if hp.add_prev_edits else torch.zeros_like(S)
         if self.alg.startswith("ROME"):  # Δ = (v − W k_c) (C0⁻¹k*)ᵀ / (k_cᵀ C0⁻¹ k*), λ cancels
-            C0inv_k = inv(C0) @ K
+            C0inv_k = torch.linalg.solve(C0, K)
             return R @ C0inv_k.T / (k_constraint.T @ C0inv_k)
         if self.alg == "EMMET":  # Δ = R (Kᵀ C0⁻¹ K + emmet_lambda·λ·I)⁻¹ Kᵀ C0⁻¹, no ridge for B = 1
             ridge = hp.emmet_lambda * lam if K.shape[1] > 1 else 0.0
-            C0inv = inv(C0)
-            return R @ inv(K.T @ C0inv @ K + ridge * eye(K.shape[1])) @ K.T @ C0inv
+            C0inv_K = torch.linalg.solve(C0, K)  # Kᵀ C0⁻¹ = (C0⁻¹ K)ᵀ, C0 symmetric
+            return times_inverse(R, K.T @ C0inv_K + ridge * eye(K.shape[1])) @ C0inv_K.T
         if self.alg == "AlphaEdit":  # Δ = R Kᵀ P⊥ ((S_t + K Kᵀ) P⊥ + L2 I)⁻¹, no λC0
             eigenvalues, eigenvectors = torch.linalg.eigh(C0)
             U = eigenvectors[:, eigenvalues < hp.nullspace_threshold]
             P_perp = U @ U.T
-            return R @ K.T @ P_perp @ inv((prev + K @ K.T) @ P_perp + hp.L2 * eye(d_k))
+            return times_inverse(R @ K.T @ P_perp, (prev + K @ K.T) @ P_perp + hp.L2 * eye(d_k))
         # MEMIT / ENCORE (and the PRUNE / RECT variants): Δ = R Kᵀ (λC0 + uI + S_t + K Kᵀ)⁻¹
-        return R @ K.T @ inv(lam * C0 + u * eye(d_k) + prev + K @ K.T)
+        return times_inverse(R @ K.T, lam * C0 + u * eye(d_k) + prev + K @ K.T)
 
     def rect(self, delta, W):
         """Keep the ceil(f·numel) entries with the largest |Δ|/|W|, zero the rest."""
